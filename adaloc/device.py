@@ -14,7 +14,7 @@ def best_device(requested: str | None = None) -> torch.device:
         if dev.type == "cuda" and not torch.cuda.is_available():
             from adaloc.errors import ConfigError
 
-            raise ConfigError(f"device={requested!r} asked for CUDA but none is available; use 'cpu'")
+            raise ConfigError(f"device={requested!r}: no CUDA device is available; use 'cpu'")
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

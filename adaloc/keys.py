@@ -1,0 +1,243 @@
+"""Key specs, key masks and key selection (which weights form the secret access key).
+
+A key is a set of *positions* in the network's tensors. With ``granularity="row"`` a position
+is a row (dim 0: a conv filter, a linear output neuron, one element of a bias or norm scale);
+with ``"element"`` it is a single value. The budget is a fraction of the model's
+*parameters* (not rows: a row fraction hides far more parameters when wide rows win).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from adaloc.errors import ConfigError
+
+SELECTIONS = ("magnitude", "bottom", "random", "saliency")
+GRANULARITIES = ("row", "element")
+BN_STATS_MODES = ("key", "freeze")
+KEYSPEC_FORMAT_VERSION = 1
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """How a key is chosen.
+
+    budget: fraction of the model's parameters that form the key, in (0, 1).
+    selection: "magnitude" (paper: top rows by L1 norm), "bottom", "random", or "saliency"
+        (data-aware: first-order Taylor importance |grad * w| per parameter on owner data).
+    granularity: "row" (filters / neurons) or "element" (single weights).
+    seed: makes "random" selection and any sampling deterministic.
+    include_norm: put every normalization-layer scale/shift in the key.
+    include_head: put the whole classifier head in the key.
+    bn_stats: "key" lets BatchNorm running statistics adapt as part of the key;
+        "freeze" keeps them fixed (BatchNorm runs in eval mode during key-only updates).
+    """
+
+    budget: float = 0.05
+    selection: str = "magnitude"
+    granularity: str = "row"
+    seed: int = 0
+    include_norm: bool = True
+    include_head: bool = True
+    bn_stats: str = "key"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget, (int, float)) or not 0.0 < float(self.budget) < 1.0:
+            raise ConfigError(
+                f"key budget should be a fraction of parameters in (0, 1), got {self.budget!r}"
+            )
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"selection {self.selection!r} is unknown; use one of {SELECTIONS}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(
+                f"granularity {self.granularity!r} is unknown; use one of {GRANULARITIES}"
+            )
+        if self.bn_stats not in BN_STATS_MODES:
+            raise ConfigError(f"bn_stats {self.bn_stats!r} is unknown; use one of {BN_STATS_MODES}")
+
+    def to_dict(self) -> dict:
+        """Plain dict with the format version, for JSON."""
+        return {"format_version": KEYSPEC_FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KeySpec:
+        """Build from a dict; unknown keys (from newer versions) warn, bad values fail."""
+        known = {f.name for f in fields(cls)}
+        extra = set(data) - known - {"format_version"}
+        if extra:
+            warnings.warn(f"ignoring unknown KeySpec fields {sorted(extra)}", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self) -> str:
+        """JSON text of the spec."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> KeySpec:
+        """Parse JSON text written by :meth:`to_json`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"KeySpec JSON is malformed: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"KeySpec JSON should be an object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+def rows_view(t: torch.Tensor, granularity: str) -> torch.Tensor:
+    """2-D view of a tensor whose first axis enumerates the key positions."""
+    if granularity == "element" or t.dim() <= 1:
+        return t.reshape(-1, 1)
+    return t.reshape(t.shape[0], -1)
+
+
+@dataclass
+class KeyMask:
+    """Key positions: per tensor name, sorted unique row (or element) indices."""
+
+    indices: dict[str, torch.Tensor]
+    granularity: str = "row"
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the tensors that hold key positions, sorted."""
+        return sorted(self.indices)
+
+    def positions(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Boolean tensor shaped like ``tensor``: True at key positions."""
+        rows = rows_view(tensor, self.granularity)
+        sel = torch.zeros(rows.shape[0], dtype=torch.bool, device=tensor.device)
+        if name in self.indices:
+            sel[self.indices[name].to(tensor.device)] = True
+        return sel[:, None].expand_as(rows).reshape(tensor.shape)
+
+    def count(self, state: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Number of key values per tensor of ``state``."""
+        out = {}
+        for name, idx in self.indices.items():
+            out[name] = int(idx.numel()) * rows_view(state[name], self.granularity).shape[1]
+        return out
+
+    def params_in_key(self, model: nn.Module) -> int:
+        """How many *parameters* (not buffers) lie in the key."""
+        params = dict(model.named_parameters())
+        return sum(n for name, n in self.count(model.state_dict()).items() if name in params)
+
+
+def head_module_name(model: nn.Module) -> str:
+    """Name of the classifier head: the last ``nn.Linear`` in module order."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear head; set include_head=False")
+    return last
+
+
+def _forced_names(model: nn.Module, spec: KeySpec) -> list[str]:
+    """Tensors that go into the key whole (norm layers, head, BatchNorm statistics)."""
+    names: list[str] = []
+    head = head_module_name(model) if spec.include_head else None
+    for mname, module in model.named_modules():
+        prefix = f"{mname}." if mname else ""
+        whole = (spec.include_norm and isinstance(module, _NORM_TYPES)) or mname == head
+        if whole:
+            names += [prefix + p for p, _ in module.named_parameters(recurse=False)]
+        bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if spec.bn_stats == "key" and bn and module.track_running_stats:
+            names += [prefix + "running_mean", prefix + "running_var"]
+    return names
+
+
+def _saliency(model: nn.Module, data, n_batches: int = 8, batch_size: int = 128) -> dict:
+    """|grad * w| accumulated over a few owner batches (first-order Taylor importance)."""
+    if data is None:
+        raise ConfigError("selection='saliency' needs owner data: pass data=<ImageSet>")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    grads = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(data.y), generator=g)[: n_batches * batch_size]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        x, y = data.x[idx].to(device), data.y[idx].to(device)
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                grads[n] += (p.grad * p.detach()).abs()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return grads
+
+
+def select_key(model: nn.Module, spec: KeySpec, *, data=None) -> KeyMask:
+    """Choose the key positions of ``model`` under ``spec`` (deterministic for a seed).
+
+    Forced tensors (norm layers, head, BatchNorm statistics) go in whole; the rest of the
+    parameter budget is filled with the best rows (or elements) of the weight tensors by the
+    selection rule, each ranked by score per parameter so wide rows do not crowd out the rest.
+    """
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    budget = int(spec.budget * total)
+    forced = _forced_names(model, spec)
+    state = model.state_dict()
+    gran = spec.granularity
+    indices = {n: torch.arange(rows_view(state[n], gran).shape[0]) for n in forced}
+    used = sum(state[n].numel() for n in forced if n in params)
+    if used > budget:
+        raise ConfigError(
+            f"key budget {spec.budget} ({budget} parameters) is smaller than the forced part "
+            f"({used} parameters: norm layers/head); raise the budget or set "
+            "include_norm/include_head to False"
+        )
+    # Candidate units: rows/elements of weight matrices and conv filters; a row carries its
+    # bias element with it, so a keyed neuron is wholly secret.
+    sal = _saliency(model, data) if spec.selection == "saliency" else None
+    cand = [n for n, p in params.items() if p.dim() >= 2 and n not in indices]
+    biases, scores, costs, owner, row_of = [], [], [], [], []
+    for k, n in enumerate(cand):
+        rows = rows_view(params[n].detach(), gran)
+        bias = n[: -len("weight")] + "bias" if n.endswith("weight") else None
+        has_bias = gran == "row" and bias in params and bias not in indices
+        biases.append(bias if has_bias else None)
+        cost = torch.full((rows.shape[0],), float(rows.shape[1] + int(has_bias)))
+        if spec.selection in ("magnitude", "bottom"):
+            s = rows.abs().sum(1).float().cpu()
+        elif spec.selection == "saliency":
+            s = rows_view(sal[n], gran).sum(1).float().cpu() / cost
+        else:
+            s = torch.zeros(rows.shape[0])
+        scores.append(s)
+        costs.append(cost)
+        owner.append(torch.full((rows.shape[0],), k, dtype=torch.int64))
+        row_of.append(torch.arange(rows.shape[0]))
+    if not scores:
+        return KeyMask(indices, gran)
+    score, cost = torch.cat(scores), torch.cat(costs)
+    owner_t, row_t = torch.cat(owner), torch.cat(row_of)
+    g = torch.Generator().manual_seed(spec.seed)
+    if spec.selection == "random":
+        order = torch.randperm(len(score), generator=g)
+    else:
+        # a tiny seeded jitter breaks ties deterministically without changing real ranks
+        jitter = torch.rand(len(score), generator=g) * 1e-12
+        order = torch.argsort(score + jitter, descending=spec.selection != "bottom")
+    # greedy by rank: take the longest prefix of the ranking that fits the budget
+    take = order[torch.cumsum(cost[order].double(), 0) <= budget - used]
+    for k, name in enumerate(cand):
+        rows = torch.sort(row_t[take[owner_t[take] == k]]).values
+        if rows.numel():
+            indices[name] = rows
+            if biases[k] is not None:
+                indices[biases[k]] = rows.clone()
+    return KeyMask(indices, gran)

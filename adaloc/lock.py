@@ -1,0 +1,168 @@
+"""Lock and unlock: split a network into a public base and a secret key, and join them again.
+
+``unlock(base, key)`` is bit-identical to the owner's model: key values are exact copies and
+are written back to exactly the positions they came from.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adaloc.errors import ConfigError, KeyMismatchError
+from adaloc.keys import KeyMask, rows_view
+
+FILLS = ("zeros", "noise")
+
+
+@dataclass
+class Key:
+    """A key version: the values at the key positions, tied to one base by its fingerprint."""
+
+    mask: KeyMask
+    values: dict[str, torch.Tensor]
+    base_sha256: str
+    version: int = 1
+    parent: int | None = None
+
+    def numel(self) -> int:
+        """Number of key values (parameters and keyed buffers)."""
+        return sum(v.numel() for v in self.values.values())
+
+
+def _state(obj) -> dict[str, torch.Tensor]:
+    return obj.state_dict() if isinstance(obj, nn.Module) else obj
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes()
+
+
+def state_sha256(obj) -> str:
+    """Canonical sha256 of a model or state dict: names, dtypes, shapes and raw bytes."""
+    h = hashlib.sha256()
+    for name, t in sorted(_state(obj).items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def outside_key_sha256(obj, mask: KeyMask) -> str:
+    """sha256 of every value outside the key; unchanged by any key-only update."""
+    h = hashlib.sha256()
+    for name, t in sorted(_state(obj).items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if name in mask.indices:
+            t = t.detach()[~mask.positions(name, t.detach())]
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def _check_fits(state: dict[str, torch.Tensor], mask: KeyMask, values=None) -> None:
+    """Raise KeyMismatchError unless every key entry fits ``state`` (checked before writing)."""
+    for name, idx in mask.indices.items():
+        if name not in state:
+            raise KeyMismatchError(f"key names tensor {name!r}, which the base does not have")
+        rows = rows_view(state[name], mask.granularity)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= rows.shape[0]):
+            raise KeyMismatchError(
+                f"key indices for {name!r} go up to {int(idx.max())}, "
+                f"but the base tensor has {rows.shape[0]} positions"
+            )
+        if values is not None:
+            v = values.get(name)
+            want = (idx.numel(), rows.shape[1])
+            if v is None or tuple(v.shape) != want:
+                got = None if v is None else tuple(v.shape)
+                raise KeyMismatchError(f"key values for {name!r} have shape {got}, expected {want}")
+
+
+def extract_key(model, mask: KeyMask, *, base_sha256: str, version: int = 1, parent=None) -> Key:
+    """Copy the values at the key positions of ``model`` into a Key."""
+    state = _state(model)
+    _check_fits(state, mask)
+    values = {}
+    for name, idx in mask.indices.items():
+        rows = rows_view(state[name].detach(), mask.granularity)
+        values[name] = rows[idx.to(rows.device)].to("cpu").clone()
+    return Key(mask, values, base_sha256, version, parent)
+
+
+def _fill(t: torch.Tensor, rows_sel: torch.Tensor, fill: str, g: torch.Generator) -> None:
+    if fill == "zeros":
+        t[rows_sel] = 0
+    else:
+        outside = t[~rows_sel].float()
+        std = float(outside.std()) if outside.numel() > 1 else 1.0
+        noise = torch.randn(int(rows_sel.sum()), generator=g) * std
+        t[rows_sel] = noise.to(t.dtype).to(t.device)
+
+
+def lock(model: nn.Module, mask: KeyMask, *, fill: str = "zeros", seed: int = 0):
+    """Split ``model`` into (base, key): the base has its key positions filled.
+
+    fill: "zeros" or "noise" (Gaussian with the spread of the tensor's non-key values).
+    """
+    if fill not in FILLS:
+        raise ConfigError(f"fill {fill!r} is unknown; use one of {FILLS}")
+    base = copy.deepcopy(model)
+    state = base.state_dict()
+    _check_fits(state, mask)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in mask.names:
+            t = state[name]
+            _fill(t, mask.positions(name, t), fill, g)
+            if fill == "noise" and name.endswith("running_var"):
+                t.abs_()  # a negative variance would make the base emit NaN, not noise
+    base_sha = state_sha256(base)
+    return base, extract_key(model, mask, base_sha256=base_sha)
+
+
+def apply_key(state: dict[str, torch.Tensor], key: Key, *, check_base: bool = True) -> dict:
+    """Return a new state dict: ``state`` (a base) with the key values written in."""
+    if check_base:
+        got = state_sha256(state)
+        if got != key.base_sha256:
+            raise KeyMismatchError(
+                f"key version {key.version} is for base {key.base_sha256[:12]}, "
+                f"but this base is {got[:12]}; pull the matching base"
+            )
+    _check_fits(state, key.mask, key.values)
+    out = {name: t.clone() for name, t in state.items()}
+    for name, idx in key.mask.indices.items():
+        rows = rows_view(out[name], key.mask.granularity)
+        v = key.values[name].to(device=rows.device, dtype=rows.dtype)
+        rows[idx.to(rows.device)] = v
+    return out
+
+
+def unlock(base: nn.Module, key: Key, *, check_base: bool = True) -> nn.Module:
+    """Authorized model = base + key; the base itself is left untouched."""
+    new_state = apply_key(base.state_dict(), key, check_base=check_base)
+    model = copy.deepcopy(base)
+    model.load_state_dict(new_state)
+    return model
+
+
+def random_key(key: Key, *, seed: int = 0) -> Key:
+    """Same positions, random values: an attacker who knows the key's shape but not its values.
+
+    Each tensor's values are drawn from a Gaussian with its true values' mean and spread (a
+    strong guess: typical weight statistics are public knowledge); variances stay positive.
+    """
+    g = torch.Generator().manual_seed(seed)
+    values = {}
+    for name, v in key.values.items():
+        vf = v.float()
+        std = float(vf.std()) if v.numel() > 1 else 1.0
+        r = torch.randn(v.shape, generator=g) * std + float(vf.mean())
+        if name.endswith("running_var"):
+            r = r.abs() + 1e-5
+        values[name] = r.to(v.dtype)
+    return Key(key.mask, values, key.base_sha256, key.version, key.parent)

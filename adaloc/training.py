@@ -1,0 +1,225 @@
+"""Training loops: full training, and key-only training that cannot move anything outside the key.
+
+Key-only training is enforced by construction, not by convention (the public AdaLoc code
+only zeroed gradients, so biases, BatchNorm statistics, momentum with weight decay and
+AdamW's decoupled decay still moved the "frozen" network):
+
+1. tensors without key positions are excluded from the optimizer and get no gradient;
+2. gradients of keyed tensors are masked to the key positions (so momentum and Adam moments
+   stay zero outside the key);
+3. after every optimizer step every non-key value is written back from a snapshot taken at
+   the start (this also undoes weight decay), and so are buffers outside the key;
+4. BatchNorm layers whose statistics are not in the key run in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from adaloc.device import autocast, best_device, grad_scaler
+from adaloc.errors import ConfigError
+from adaloc.keys import KeyMask
+
+OPTIMIZERS = ("sgd", "adamw", "adam")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Optimizer and loop settings shared by full and key-only training."""
+
+    epochs: int = 2
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.optimizer!r} is unknown; use one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule {self.schedule!r} is unknown; use one of {SCHEDULES}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(
+                f"epochs and batch_size should be >= 1, got {self.epochs} and {self.batch_size}"
+            )
+        if not self.lr > 0:
+            raise ConfigError(f"lr should be > 0, got {self.lr}")
+
+    def to_dict(self) -> dict:
+        """Plain dict, for logging."""
+        return asdict(self)
+
+
+@dataclass
+class TrainReport:
+    """What a training call did."""
+
+    seconds: float
+    steps: int
+    losses: list[float] = field(default_factory=list)  # mean loss per epoch
+
+
+class KeyGuard:
+    """Confines training of ``model`` to the positions of ``mask`` (see module docstring)."""
+
+    def __init__(self, model: nn.Module, mask: KeyMask):
+        self.model, self.mask = model, mask
+        state = model.state_dict(keep_vars=True)
+        missing = [n for n in mask.names if n not in state]
+        if missing:
+            raise ConfigError(f"key mask names tensors the model does not have: {missing[:3]}")
+        self._pos = {n: mask.positions(n, state[n].detach()) for n in mask.names}
+        params = dict(model.named_parameters())
+        self._requires = {n: p.requires_grad for n, p in params.items()}
+        self._hooks = []
+        for n, p in params.items():
+            if n in self._pos:
+                p.requires_grad_(True)
+                keep = self._pos[n].to(p.dtype)
+                self._hooks.append(p.register_hook(lambda g, keep=keep: g * keep))
+            else:
+                p.requires_grad_(False)
+        # snapshot of everything that could change: keyed params and every buffer
+        buffers = dict(model.named_buffers())
+        self._frozen = {
+            n: t.detach().clone() for n, t in state.items() if n in self._pos or n in buffers
+        }
+        self._live = {n: state[n] for n in self._frozen}
+
+    def trainable(self) -> list[nn.Parameter]:
+        """Parameters that hold key positions: the only ones an optimizer should get."""
+        return [p for n, p in self.model.named_parameters() if n in self._pos]
+
+    def set_modes(self) -> None:
+        """Train mode, but BatchNorm whose statistics are outside the key runs in eval mode."""
+        self.model.train()
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                prefix = f"{name}." if name else ""
+                if prefix + "running_mean" not in self._pos:
+                    module.eval()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write every non-key value back to its snapshot."""
+        for n, live in self._live.items():
+            frozen = self._frozen[n]
+            if n in self._pos:
+                live.copy_(torch.where(self._pos[n], live, frozen))
+            else:
+                live.copy_(frozen)
+
+    def close(self) -> None:
+        """Remove hooks and restore the requires_grad flags."""
+        for h in self._hooks:
+            h.remove()
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self._requires[n])
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay), AdamW or Adam over ``params``."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _batches(n: int, batch_size: int, g: torch.Generator):
+    order = torch.randperm(n, generator=g)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def fit(
+    model: nn.Module,
+    train,
+    cfg: TrainConfig,
+    *,
+    mask: KeyMask | None = None,
+    batch_fn: Callable | None = None,
+    loss_fn: Callable | None = None,
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainReport:
+    """Train ``model`` on ``train`` (an ImageSet); with ``mask``, only the key changes.
+
+    batch_fn(x, y, generator) -> (x, target) rewrites a batch (e.g. token stamping);
+    loss_fn(logits, target) defaults to cross-entropy, which accepts soft targets too.
+    """
+    if len(train) == 0:
+        raise ConfigError("training set is empty")
+    device = best_device(cfg.device)
+    model.to(device)
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    guard = KeyGuard(model, mask) if mask is not None else None
+    params = guard.trainable() if guard else [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    sched = None
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )
+    scaler = grad_scaler(device, cfg.amp)
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    report = TrainReport(seconds=0.0, steps=0)
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
+    try:
+        for epoch in range(cfg.epochs):
+            if guard:
+                guard.set_modes()
+            else:
+                model.train()
+            running, seen = 0.0, 0
+            for idx in _batches(len(train), cfg.batch_size, g):
+                x = train.x[idx].to(device, non_blocking=True)
+                target = train.y[idx].to(device, non_blocking=True)
+                if batch_fn is not None:
+                    x, target = batch_fn(x, target, g)
+                with autocast(device, cfg.amp):
+                    logits = model(x)
+                loss = loss_fn(logits.float(), target)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                if guard:
+                    guard.restore()
+                if sched:
+                    sched.step()
+                running += float(loss.detach()) * len(idx)
+                seen += len(idx)
+                report.steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{running / seen:.3f}", epoch=epoch + 1)
+            report.losses.append(running / max(seen, 1))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, model)
+    finally:
+        bar.close()
+        if guard:
+            guard.close()
+    model.eval()
+    report.seconds = time.perf_counter() - t0
+    return report
