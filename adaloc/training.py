@@ -144,7 +144,9 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 def _batches(n: int, batch_size: int, g: torch.Generator):
     order = torch.randperm(n, generator=g)
     for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
+        idx = order[start : start + batch_size]
+        if len(idx) > 1 or n == 1:  # a lone sample breaks BatchNorm in train mode
+            yield idx
 
 
 def fit(
