@@ -33,7 +33,6 @@ from adaloc.keys import KeyMask
 from adaloc.lock import Key, state_sha256
 
 VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_IDX, _VAL = "::index", "::value"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -70,44 +69,71 @@ def _read_metadata(data: bytes, what: str) -> dict[str, str]:
     return header.get("__metadata__") or {}
 
 
-def encode_key(key: Key, *, value_dtype: str | None = None) -> bytes:
-    """Serialize a key version: per keyed tensor an index and a value tensor, plus metadata.
+def _meta_json(meta: dict) -> dict[str, str]:
+    # one sorted JSON entry: safetensors writes its metadata map in hash order, and the
+    # registry needs identical bytes for identical keys (idempotent publication)
+    return {"adaloc": json.dumps(meta, sort_keys=True, separators=(",", ":"))}
 
-    value_dtype: "float32" (default, exact), or "float16"/"bfloat16" (lossy, smaller).
+
+def _parse_meta(raw: dict[str, str], what: str) -> dict:
+    try:
+        meta = json.loads(raw.get("adaloc", ""))
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise KeyFormatError(f"{what} has no adaloc metadata; it is not an adaloc file")
+    return meta
+
+
+def encode_key(key: Key, *, value_dtype: str | None = None) -> bytes:
+    """Serialize a key version compactly and deterministically (same key, same bytes).
+
+    Two tensors: ``index`` (int32/int64, the row or element indices of every keyed tensor
+    that is not keyed whole, concatenated) and ``value`` (all key values, concatenated); a
+    layout table in the metadata says which slice belongs to which tensor. value_dtype:
+    "float32" (default, exact), or "float16"/"bfloat16" (lossy, smaller).
     """
     dtype_name = value_dtype or "float32"
     if dtype_name not in VALUE_DTYPES:
         raise KeyFormatError(
             f"value dtype {dtype_name!r} is unknown; use one of {list(VALUE_DTYPES)}"
         )
-    tensors = {}
+    layout, idx_parts, val_parts = [], [], []
     for name in key.mask.names:
-        idx = key.mask.indices[name]
-        small = idx.numel() == 0 or int(idx.max()) < 2**31
-        tensors[name + _IDX] = idx.to(torch.int32 if small else torch.int64).contiguous()
-        v = key.values[name]
-        if v.is_floating_point() and value_dtype is not None:
-            v = v.to(VALUE_DTYPES[dtype_name])
-        tensors[name + _VAL] = v.contiguous()
+        idx, v = key.mask.indices[name], key.values[name]
+        rows, width = int(idx.numel()), int(v.numel() // max(idx.numel(), 1))
+        # a tensor keyed whole needs no indices: its rows are 0..n-1 (norm layers, the head)
+        whole = bool(rows == 0 or torch.equal(idx, torch.arange(rows)))
+        layout.append([name, rows, width, whole])
+        if not whole:
+            idx_parts.append(idx)
+        val_parts.append(v.reshape(-1).to(VALUE_DTYPES[dtype_name]))
+    index = torch.cat(idx_parts) if idx_parts else torch.zeros(0, dtype=torch.int64)
+    small = index.numel() == 0 or int(index.max()) < 2**31
+    tensors = {
+        "index": index.to(torch.int32 if small else torch.int64).contiguous(),
+        "value": (torch.cat(val_parts) if val_parts else torch.zeros(0)).contiguous(),
+    }
     meta = {
         "format": "adaloc-key",
-        "format_version": str(KEY_FORMAT_VERSION),
+        "format_version": KEY_FORMAT_VERSION,
         "base_sha256": key.base_sha256,
-        "version": str(key.version),
-        "parent": "" if key.parent is None else str(key.parent),
+        "version": key.version,
+        "parent": key.parent,
         "granularity": key.mask.granularity,
         "value_dtype": dtype_name,
+        "layout": layout,
         "payload_sha256": _payload_sha(tensors),
     }
-    return st_save(tensors, metadata=meta)
+    return st_save(tensors, metadata=_meta_json(meta))
 
 
 def decode_key(data: bytes) -> Key:
     """Parse and validate a key artifact written by :func:`encode_key`."""
-    meta = _read_metadata(data, "key artifact")
+    meta = _parse_meta(_read_metadata(data, "key artifact"), "key artifact")
     if meta.get("format") != "adaloc-key":
         raise KeyFormatError("file is not an adaloc key artifact (no 'adaloc-key' format tag)")
-    if meta.get("format_version") != str(KEY_FORMAT_VERSION):
+    if meta.get("format_version") != KEY_FORMAT_VERSION:
         raise KeyFormatError(
             f"key format version {meta.get('format_version')!r} is not supported "
             f"(this adaloc reads {KEY_FORMAT_VERSION}); upgrade adaloc"
@@ -116,24 +142,26 @@ def decode_key(data: bytes) -> Key:
         tensors = st_load(data)
     except SafetensorError as exc:
         raise KeyFormatError(f"key artifact is corrupted or truncated: {exc}") from exc
-    if _payload_sha(tensors) != meta.get("payload_sha256"):
+    if set(tensors) != {"index", "value"} or _payload_sha(tensors) != meta.get("payload_sha256"):
         raise KeyFormatError("key artifact's tensors do not match its checksum (corrupted)")
-    names = sorted({k[: -len(_IDX)] for k in tensors if k.endswith(_IDX)})
-    indices, values = {}, {}
-    for name in names:
-        if name + _VAL not in tensors:
-            raise KeyFormatError(f"key artifact has indices but no values for {name!r}")
-        idx = tensors[name + _IDX].to(torch.int64)
-        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-            raise KeyFormatError(f"key indices for {name!r} are not sorted and unique")
-        # half-precision values are cast to the base's dtype when applied
-        indices[name], values[name] = idx, tensors[name + _VAL]
+    index, value = tensors["index"].to(torch.int64), tensors["value"]
+    indices, values, i, v = {}, {}, 0, 0
     try:
-        version = int(meta["version"])
-        parent = int(meta["parent"]) if meta.get("parent") else None
+        for name, rows, width, whole in meta["layout"]:
+            idx = torch.arange(rows) if whole else index[i : i + rows]
+            i += 0 if whole else rows
+            if idx.numel() != rows or v + rows * width > value.numel():
+                raise ValueError(f"layout of {name!r} runs past the stored tensors")
+            if rows > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise ValueError(f"indices of {name!r} are not sorted and unique")
+            # half-precision values are cast to the base's dtype when applied
+            indices[name], values[name] = idx, value[v : v + rows * width].reshape(rows, width)
+            v += rows * width
+        if i != index.numel() or v != value.numel():
+            raise ValueError("stored tensors are longer than the layout says")
         mask = KeyMask(indices, meta["granularity"])
-        return Key(mask, values, meta["base_sha256"], version, parent)
-    except (KeyError, ValueError) as exc:
+        return Key(mask, values, meta["base_sha256"], int(meta["version"]), meta["parent"])
+    except (KeyError, ValueError, TypeError) as exc:
         raise KeyFormatError(f"key artifact metadata is incomplete or invalid: {exc}") from exc
 
 
@@ -191,24 +219,30 @@ def encode_base(base: nn.Module) -> bytes:
     state = {k: v.detach().to("cpu").contiguous() for k, v in base.state_dict().items()}
     meta = {
         "format": "adaloc-base",
-        "format_version": str(BASE_FORMAT_VERSION),
+        "format_version": BASE_FORMAT_VERSION,
         "state_sha256": state_sha256(state),
     }
-    return st_save(state, metadata=meta)
+    return st_save(state, metadata=_meta_json(meta))
 
 
-def decode_base_state(data: bytes) -> dict[str, torch.Tensor]:
-    """Parse a base file and check its embedded fingerprint."""
-    meta = _read_metadata(data, BASE_FILE)
+def decode_base(data: bytes) -> tuple[dict[str, torch.Tensor], str]:
+    """Parse a base file; returns its state dict and its verified fingerprint."""
+    meta = _parse_meta(_read_metadata(data, BASE_FILE), BASE_FILE)
     if meta.get("format") != "adaloc-base":
         raise KeyFormatError(f"{BASE_FILE} is not an adaloc base (no 'adaloc-base' format tag)")
     try:
         state = st_load(data)
     except SafetensorError as exc:
         raise KeyFormatError(f"{BASE_FILE} is corrupted or truncated: {exc}") from exc
-    if state_sha256(state) != meta.get("state_sha256"):
+    sha = state_sha256(state)
+    if sha != meta.get("state_sha256"):
         raise KeyFormatError(f"{BASE_FILE} does not match its fingerprint (corrupted)")
-    return state
+    return state, sha
+
+
+def decode_base_state(data: bytes) -> dict[str, torch.Tensor]:
+    """Parse a base file and check its embedded fingerprint."""
+    return decode_base(data)[0]
 
 
 def save_base(base: nn.Module, card: ModelCard, directory: str | Path) -> dict:
@@ -249,6 +283,7 @@ __all__ = [
     "ModelCard",
     "atomic_write_bytes",
     "build_from_card",
+    "decode_base",
     "decode_base_state",
     "decode_key",
     "encode_base",

@@ -1,0 +1,398 @@
+"""`adaloc registry|site|keys ...`: thin typer layer over ``registry`` (mounted by cli.py).
+
+Every command takes ``--json`` for machine-readable output. A user mistake or a refused
+pull prints one line on stderr and exits with 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+registry_app = typer.Typer(help="Inspect and promote key versions in the MLflow registry.")
+site_app = typer.Typer(help="Deployment site: init, pull key versions, status.")
+keys_app = typer.Typer(help="Owner signing key and the list of authorised sites.")
+
+out = Console()
+err = Console(stderr=True)
+
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        envvar=["ADALOC_TRACKING_URI", "MLFLOW_TRACKING_URI"],
+        help="MLflow tracking URI; default: embedded sqlite under --root.",
+    ),
+]
+RegistryUri = Annotated[str | None, typer.Option("--registry-uri", help="Defaults to tracking.")]
+Root = Annotated[
+    Path, typer.Option("--root", envvar="ADALOC_REGISTRY_ROOT", help="Embedded registry folder.")
+]
+ModelName = Annotated[
+    str, typer.Option("--model", "-m", envvar="ADALOC_MODEL", help="Locked model name.")
+]
+OwnerDir = Annotated[
+    Path, typer.Option("--owner-dir", envvar="ADALOC_OWNER_DIR", help="Owner keyring folder.")
+]
+SiteDir = Annotated[
+    Path, typer.Option("--dir", "-d", envvar="ADALOC_SITE_DIR", help="Site folder.")
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+
+
+def _quiet_mlflow() -> None:
+    # Our own progress bars replace MLflow's; fail fast instead of minutes of retries.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+_REMOTE_ERROR_MODULES = ("mlflow", "requests", "botocore", "boto3", "urllib3")
+
+
+def cli_errors(fn):
+    """Turn library errors into one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from adaloc.errors import AdalocError
+
+        _quiet_mlflow()
+        try:
+            return fn(*args, **kwargs)
+        except (AdalocError, FileExistsError, FileNotFoundError, PermissionError) as e:
+            err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        except Exception as e:  # noqa: BLE001 - MLflow/requests errors, still one line
+            if type(e).__module__.split(".")[0] not in (
+                "mlflow",
+                "requests",
+                "botocore",
+                "urllib3",
+            ):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            err.print(f"error: registry unavailable: {first}", markup=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+    return wrapper
+
+
+def _emit(obj, as_json: bool, render) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    else:
+        render(obj)
+
+
+def _registry(tracking_uri: str | None, registry_uri: str | None, root: Path, model: str):
+    from registry.mlflow_io import embedded_uris
+    from registry.store import KeyRegistry
+
+    location = None
+    if tracking_uri is None:
+        tracking_uri, location = embedded_uris(root)
+    return KeyRegistry(tracking_uri, model, artifact_location=location, registry_uri=registry_uri)
+
+
+def _versions_table(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for col in ("version", "parent", "aliases", "base", "sealed B", "sites", "data", "code"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            str(r["version"]), str(r["parent"] or "-"), ",".join(r["aliases"]) or "-",
+            r["base_sha256"][:12], str(r["sealed_bytes"]), ",".join(r["recipients"]),
+            str(r["data_version"]), str(r["code_version"])[:12],
+        )  # fmt: skip
+    out.print(table)
+
+
+def _show(d: dict) -> None:
+    for k, v in d.items():
+        out.print(f"[bold]{k}[/bold]: {json.dumps(v) if isinstance(v, dict | list) else v}")
+
+
+# -- adaloc registry ---------------------------------------------------------------------
+
+
+@registry_app.command("ls")
+@cli_errors
+def registry_ls(
+    model: ModelName = "adaloc",
+    tracking_uri: TrackingUri = None,
+    registry_uri: RegistryUri = None,
+    root: Root = Path("runs/registry"),
+    as_json: AsJson = False,
+) -> None:
+    """List ready key versions with parent, aliases, base and sizes."""
+    reg = _registry(tracking_uri, registry_uri, root, model)
+    rows = [kv.to_dict() for kv in reg.history()]
+    _emit(rows, as_json, lambda r: _versions_table(r, f"{reg.key_name}"))
+
+
+@registry_app.command("show")
+@cli_errors
+def registry_show(
+    ref: Annotated[str, typer.Argument(help="Key version number or alias.")] = "production",
+    model: ModelName = "adaloc",
+    tracking_uri: TrackingUri = None,
+    registry_uri: RegistryUri = None,
+    root: Root = Path("runs/registry"),
+    as_json: AsJson = False,
+) -> None:
+    """Show one key version: tags, aliases and its run's metrics."""
+    kv = _registry(tracking_uri, registry_uri, root, model).resolve(ref)
+    _emit(kv.to_dict(), as_json, _show)
+
+
+@registry_app.command("lineage")
+@cli_errors
+def registry_lineage(
+    ref: Annotated[str, typer.Argument(help="Key version number or alias.")] = "production",
+    model: ModelName = "adaloc",
+    tracking_uri: TrackingUri = None,
+    registry_uri: RegistryUri = None,
+    root: Root = Path("runs/registry"),
+    as_json: AsJson = False,
+) -> None:
+    """A key version and its ancestors back to version 1."""
+    chain = [kv.to_dict() for kv in _registry(tracking_uri, registry_uri, root, model).lineage(ref)]
+    _emit(chain, as_json, lambda r: _versions_table(r, f"lineage of {ref}"))
+
+
+@registry_app.command("promote")
+@cli_errors
+def registry_promote(
+    ref: Annotated[str, typer.Argument(help="Key version number or alias.")],
+    alias: Annotated[str, typer.Option("--alias", "-a")] = "production",
+    model: ModelName = "adaloc",
+    tracking_uri: TrackingUri = None,
+    registry_uri: RegistryUri = None,
+    root: Root = Path("runs/registry"),
+    as_json: AsJson = False,
+) -> None:
+    """Move an alias (default: production) to a key version."""
+    kv = _registry(tracking_uri, registry_uri, root, model).set_alias(alias, ref)
+    _emit(kv.to_dict(), as_json, lambda d: out.print(f"{alias} -> key version {d['version']}"))
+
+
+@registry_app.command("verify")
+@cli_errors
+def registry_verify(
+    ref: Annotated[str, typer.Argument(help="Key version number or alias.")] = "production",
+    owner_pub: Annotated[
+        Path | None, typer.Option("--owner-pub", help="owner.pub to check signatures.")
+    ] = None,
+    model: ModelName = "adaloc",
+    tracking_uri: TrackingUri = None,
+    registry_uri: RegistryUri = None,
+    root: Root = Path("runs/registry"),
+    as_json: AsJson = False,
+) -> None:
+    """Re-check the stored sealed key: sha256, header vs tags, base, owner signature."""
+    pem = owner_pub.read_bytes() if owner_pub else None
+    report = _registry(tracking_uri, registry_uri, root, model).verify(ref, owner_public_pem=pem)
+    _emit(report, as_json, lambda r: out.print(f"key version {r['version']} OK: {r['checks']}"))
+
+
+# -- adaloc site ---------------------------------------------------------------------------
+
+
+@site_app.command("init")
+@cli_errors
+def site_init(
+    site_id: Annotated[str, typer.Option("--site-id", help="Name the owner knows this site by.")],
+    owner_pub: Annotated[Path, typer.Option("--owner-pub", help="The owner's owner.pub.")],
+    directory: SiteDir = Path("site"),
+    model: ModelName = "adaloc",
+    tracking_uri: TrackingUri = None,
+    registry_uri: RegistryUri = None,
+    root: Root = Path("runs/registry"),
+    force: Annotated[bool, typer.Option("--force", help="Re-create keys and config.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Create a site: its key pair (site.key 0600) and config; prints site.pub's path."""
+    from registry.mlflow_io import embedded_uris
+    from registry.site import Site
+
+    uri = tracking_uri or embedded_uris(root)[0]
+    site = Site.init(
+        directory,
+        site_id=site_id,
+        tracking_uri=uri,
+        model_name=model,
+        owner_public_pem=owner_pub.read_bytes(),
+        registry_uri=registry_uri,
+        overwrite=force,
+    )
+    info = {
+        "site_id": site_id,
+        "directory": str(directory),
+        "public_key": str(site.directory / "site.pub"),
+        "tracking_uri": uri,
+        "model_name": model,
+    }
+    _emit(
+        info,
+        as_json,
+        lambda d: out.print(
+            f"site {site_id!r} ready; give {d['public_key']} to the owner (`adaloc keys site-add`)"
+        ),
+    )
+
+
+class _RichProgress:
+    """Adapter from the Site's progress callback to rich progress bars (one per download)."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.tasks = progress, {}
+
+    def __call__(self, label: str, done: int, total: int | None) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(label, total=total)
+        self.progress.update(self.tasks[label], completed=done)
+
+
+@site_app.command("pull")
+@cli_errors
+def site_pull(
+    ref: Annotated[str, typer.Argument(help="Key version number or alias.")] = "production",
+    directory: SiteDir = Path("site"),
+    allow_rollback: Annotated[bool, typer.Option("--allow-rollback")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Pull a key version, verify, decrypt, apply and install the authorized model."""
+    from registry.site import Site
+
+    site = Site(directory)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+    )
+    quiet = as_json or not err.is_terminal
+    with Progress(*columns, console=err, disable=quiet, transient=True) as bars:
+        result = site.pull(ref, allow_rollback=allow_rollback, progress=_RichProgress(bars))
+
+    def render(r: dict) -> None:
+        if not r["changed"]:
+            out.print(f"key version {r['version']} already installed")
+            return
+        out.print(
+            f"installed key version {r['version']} (was {r['previous']}) -> {r['model_path']}; "
+            f"downloaded base {r['bytes_base']} B, key {r['bytes_key']} B"
+        )
+
+    _emit(result.to_dict(), as_json, render)
+
+
+@site_app.command("status")
+@cli_errors
+def site_status(
+    directory: SiteDir = Path("site"),
+    offline: Annotated[bool, typer.Option("--offline", help="Use the cached list only.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Installed key version and the versions the registry offers (cached when offline)."""
+    from registry.site import Site
+
+    status = Site(directory).status(online=not offline)
+
+    def render(s: dict) -> None:
+        inst = s["installed"]
+        out.print(
+            f"site {s['site_id']} ({s['model_name']}) "
+            + (f"installed key version {inst['version']}" if inst else "nothing installed")
+            + ("" if s["model_intact"] or not inst else " [red](model file changed!)[/red]")
+        )
+        where = "cached " + str(s["available_fetched_at"]) if s["offline"] else "registry"
+        out.print(
+            f"available ({where}): "
+            + ", ".join(
+                f"v{v['version']}" + (f" ({','.join(v['aliases'])})" if v["aliases"] else "")
+                for v in s["available"]
+            )
+            + ("  -> update available" if s["update_available"] else "")
+        )
+
+    _emit(status, as_json, render)
+
+
+# -- adaloc keys ---------------------------------------------------------------------------
+
+
+@keys_app.command("owner-init")
+@cli_errors
+def keys_owner_init(
+    directory: OwnerDir = Path("owner"),
+    force: Annotated[bool, typer.Option("--force", help="Replace existing owner keys.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Create the owner's Ed25519 signing key (owner.key 0600) and an empty site list."""
+    from registry.sealing import key_fingerprint
+    from registry.sites import OwnerKeyring
+
+    keyring = OwnerKeyring.init(directory, overwrite=force)
+    info = {"directory": str(directory), "owner_key": key_fingerprint(keyring.owner_public_pem)}
+    _emit(info, as_json, lambda d: out.print(f"owner key {d['owner_key']} in {d['directory']}"))
+
+
+@keys_app.command("site-add")
+@cli_errors
+def keys_site_add(
+    site_id: Annotated[str, typer.Argument(help="Site id (as given to `site init`).")],
+    public_key: Annotated[Path, typer.Argument(help="The site's site.pub.")],
+    directory: OwnerDir = Path("owner"),
+    as_json: AsJson = False,
+) -> None:
+    """Authorise a site: later key versions are sealed for it."""
+    from registry.sites import OwnerKeyring
+
+    entry = OwnerKeyring(directory).add_site(site_id, public_key).to_dict(with_key=False)
+    _emit(entry, as_json, lambda d: out.print(f"added site {d['site_id']} ({d['fingerprint']})"))
+
+
+@keys_app.command("site-ls")
+@cli_errors
+def keys_site_ls(directory: OwnerDir = Path("owner"), as_json: AsJson = False) -> None:
+    """List authorised and revoked sites."""
+    from registry.sites import OwnerKeyring
+
+    rows = [s.to_dict(with_key=False) for s in OwnerKeyring(directory).sites()]
+
+    def render(rows: list[dict]) -> None:
+        table = Table(title="sites")
+        for col in ("site", "fingerprint", "added", "revoked"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["site_id"], r["fingerprint"], r["added_at"], r["revoked_at"] or "-")
+        out.print(table)
+
+    _emit(rows, as_json, render)
+
+
+@keys_app.command("site-revoke")
+@cli_errors
+def keys_site_revoke(
+    site_id: Annotated[str, typer.Argument(help="Site id to revoke.")],
+    directory: OwnerDir = Path("owner"),
+    as_json: AsJson = False,
+) -> None:
+    """Revoke a site: key versions published from now on are not sealed for it."""
+    from registry.sites import OwnerKeyring
+
+    entry = OwnerKeyring(directory).revoke_site(site_id).to_dict(with_key=False)
+    _emit(entry, as_json, lambda d: out.print(f"revoked site {d['site_id']} at {d['revoked_at']}"))

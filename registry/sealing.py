@@ -1,0 +1,288 @@
+"""Sealed key versions: AES-256-GCM under a fresh data key, wrapped per site, owner-signed.
+
+Layout of a sealed blob (all integers big-endian)::
+
+    MAGIC (16 B) | header length (u32) | header JSON | ciphertext | Ed25519 signature (64 B)
+
+The header JSON is the AEAD associated data of the ciphertext and carries the per-site
+wrapped data keys, so neither can be swapped; the owner's signature covers every byte
+before it. Only primitives from ``cryptography`` are used.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from registry.errors import IntegrityError, NotAuthorizedError, NotFoundError, SignatureError
+from registry.fsutil import atomic_write_bytes
+
+MAGIC = b"ADALOC-SEALED\x00\x00\x01"
+SEAL_FORMAT = 1
+SIGNATURE_BYTES = 64
+OWNER_PRIVATE_FILE, OWNER_PUBLIC_FILE = "owner.key", "owner.pub"
+SITE_PRIVATE_FILE, SITE_PUBLIC_FILE = "site.key", "site.pub"
+_WRAP_INFO = b"adaloc/sealing/v1/wrap"
+_MAX_HEADER = 1 << 20
+
+
+@dataclass(frozen=True)
+class SealedHeader:
+    """The authenticated, unencrypted part of a sealed key version."""
+
+    key_version: int
+    parent: int | None
+    base_sha256: str
+    model_sha256: str | None
+    owner: str
+    parts: list[dict]
+    recipients: list[dict]
+    nonce: str
+    format: int = SEAL_FORMAT
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SealedHeader:
+        """Build from the decoded header JSON; unknown fields land in ``extra``."""
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        missing = sorted(k for k in ("key_version", "base_sha256", "owner", "nonce") if k not in d)
+        if missing:
+            raise IntegrityError(
+                f"sealed header lacks {missing}; the artifact is not a key version"
+            )
+        kwargs = {k: d.get(k) for k in known if k in d}
+        kwargs.setdefault("parent", None)
+        kwargs.setdefault("model_sha256", None)
+        kwargs.setdefault("parts", [])
+        kwargs.setdefault("recipients", [])
+        return cls(**kwargs, extra={k: v for k, v in d.items() if k not in known})
+
+    def site_ids(self) -> list[str]:
+        """Site ids the data key was wrapped for."""
+        return [r["site_id"] for r in self.recipients]
+
+
+def key_fingerprint(public_key_pem: bytes) -> str:
+    """Short, stable id of a public key: first 16 hex digits of sha256 of its raw bytes."""
+    key = serialization.load_pem_public_key(public_key_pem)
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _private_pem(key) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _public_pem(key) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _write_keypair(directory: str | Path, names: tuple[str, str], key, overwrite: bool) -> Path:
+    directory = Path(directory)
+    private_path = directory / names[0]
+    if private_path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{private_path} already exists; pass overwrite=True (--force) to replace it"
+        )
+    # Private key first with 0600: a world-readable private key must never exist, even briefly.
+    atomic_write_bytes(private_path, _private_pem(key), mode=0o600)
+    atomic_write_bytes(directory / names[1], _public_pem(key.public_key()))
+    return private_path
+
+
+def generate_owner_keys(directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Create the owner's Ed25519 signing pair (owner.key 0600, owner.pub); return owner.key."""
+    return _write_keypair(
+        directory, (OWNER_PRIVATE_FILE, OWNER_PUBLIC_FILE), Ed25519PrivateKey.generate(), overwrite
+    )
+
+
+def generate_site_keys(directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Create a site's X25519 pair (site.key 0600, site.pub); return site.key."""
+    return _write_keypair(
+        directory, (SITE_PRIVATE_FILE, SITE_PUBLIC_FILE), X25519PrivateKey.generate(), overwrite
+    )
+
+
+def load_private_key(path: str | Path):
+    """Load an unencrypted PEM private key; NotFoundError with the path when missing."""
+    try:
+        return serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except FileNotFoundError as err:
+        raise NotFoundError(f"private key {path} not found; create it with `init`") from err
+
+
+def public_pem_of(private_key) -> bytes:
+    """PEM of the public half of a private key."""
+    return _public_pem(private_key.public_key())
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode(), validate=True)
+
+
+def _wrap_kek(shared: bytes, ephemeral_raw: bytes, site_raw: bytes, site_id: str) -> bytes:
+    # Binding both public keys and the site id into HKDF stops re-targeting a wrapped key.
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=ephemeral_raw + site_raw,
+        info=_WRAP_INFO + b"|" + site_id.encode(),
+    )
+    return hkdf.derive(shared)
+
+
+def _raw(public_key) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def seal(
+    parts: dict[str, bytes],
+    *,
+    header: dict,
+    recipients: dict[str, bytes],
+    signing_key: Ed25519PrivateKey,
+) -> bytes:
+    """Encrypt ``parts`` for ``recipients`` (site id -> X25519 public PEM) and sign the result."""
+    if not recipients:
+        raise NotAuthorizedError(
+            "no authorised site to seal for; add one with `adaloc keys site-add`"
+        )
+    data_key = AESGCM.generate_key(bit_length=256)
+    wrapped = []
+    for site_id, pem in sorted(recipients.items()):
+        site_pub = serialization.load_pem_public_key(pem)
+        if not isinstance(site_pub, X25519PublicKey):
+            raise NotAuthorizedError(f"site {site_id!r} public key is not X25519")
+        ephemeral = X25519PrivateKey.generate()
+        kek = _wrap_kek(
+            ephemeral.exchange(site_pub), _raw(ephemeral.public_key()), _raw(site_pub), site_id
+        )
+        nonce = os.urandom(12)
+        wrapped.append(
+            {
+                "site_id": site_id,
+                "fingerprint": key_fingerprint(pem),
+                "ephemeral": _b64(_raw(ephemeral.public_key())),
+                "nonce": _b64(nonce),
+                "wrapped": _b64(AESGCM(kek).encrypt(nonce, data_key, site_id.encode())),
+            }
+        )
+    nonce = os.urandom(12)
+    full = dict(header)
+    full.update(
+        format=SEAL_FORMAT,
+        owner=key_fingerprint(public_pem_of(signing_key)),
+        parts=[{"name": name, "size": len(data)} for name, data in parts.items()],
+        recipients=wrapped,
+        nonce=_b64(nonce),
+    )
+    header_bytes = json.dumps(full, sort_keys=True, separators=(",", ":")).encode()
+    ciphertext = AESGCM(data_key).encrypt(nonce, b"".join(parts.values()), header_bytes)
+    body = MAGIC + struct.pack(">I", len(header_bytes)) + header_bytes + ciphertext
+    return body + signing_key.sign(body)
+
+
+def _split(blob: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """Return (body, header_bytes, ciphertext, signature) or raise IntegrityError."""
+    n = len(MAGIC)
+    if len(blob) < n + 4 + SIGNATURE_BYTES or blob[:n] != MAGIC:
+        raise IntegrityError("artifact is not a sealed adaloc key version (bad magic or truncated)")
+    (hlen,) = struct.unpack(">I", blob[n : n + 4])
+    if hlen > _MAX_HEADER or n + 4 + hlen > len(blob) - SIGNATURE_BYTES:
+        raise IntegrityError(f"sealed key version header length {hlen} is out of range (tampered?)")
+    body, signature = blob[:-SIGNATURE_BYTES], blob[-SIGNATURE_BYTES:]
+    return body, body[n + 4 : n + 4 + hlen], body[n + 4 + hlen :], signature
+
+
+def read_header(blob: bytes) -> SealedHeader:
+    """Parse the header WITHOUT checking the signature (inspection only)."""
+    _, header_bytes, _, _ = _split(blob)
+    try:
+        return SealedHeader.from_dict(json.loads(header_bytes))
+    except (ValueError, TypeError) as err:
+        raise IntegrityError(f"sealed key version header is not valid JSON ({err})") from err
+
+
+def verify_sealed(blob: bytes, owner_public_pem: bytes) -> SealedHeader:
+    """Check the owner's Ed25519 signature over header + ciphertext; return the header."""
+    body, _, _, signature = _split(blob)
+    owner = serialization.load_pem_public_key(owner_public_pem)
+    if not isinstance(owner, Ed25519PublicKey):
+        raise SignatureError("owner public key is not Ed25519; check the site's owner.pub")
+    try:
+        owner.verify(signature, body)
+    except InvalidSignature as err:
+        raise SignatureError(
+            "owner signature check failed: the sealed key version was modified or was not "
+            f"signed by owner {key_fingerprint(owner_public_pem)}"
+        ) from err
+    return read_header(blob)
+
+
+def open_sealed(
+    blob: bytes, *, site_id: str, site_private_key: X25519PrivateKey, owner_public_pem: bytes
+) -> tuple[SealedHeader, dict[str, bytes]]:
+    """Verify the signature, unwrap the data key for this site and decrypt the parts."""
+    header = verify_sealed(blob, owner_public_pem)
+    _, header_bytes, ciphertext, _ = _split(blob)
+    entry = next((r for r in header.recipients if r["site_id"] == site_id), None)
+    if entry is None:
+        raise NotAuthorizedError(
+            f"site {site_id!r} is not a recipient of key version {header.key_version} "
+            f"(sealed for {header.site_ids()}): revoked or never added; ask the owner"
+        )
+    own_pub = site_private_key.public_key()
+    if entry["fingerprint"] != key_fingerprint(_public_pem(own_pub)):
+        raise NotAuthorizedError(
+            f"key version {header.key_version} was sealed for site {site_id!r} with key "
+            f"{entry['fingerprint']}, not this site's key {key_fingerprint(_public_pem(own_pub))}"
+        )
+    try:
+        ephemeral = X25519PublicKey.from_public_bytes(_unb64(entry["ephemeral"]))
+        kek = _wrap_kek(
+            site_private_key.exchange(ephemeral), _raw(ephemeral), _raw(own_pub), site_id
+        )
+        data_key = AESGCM(kek).decrypt(
+            _unb64(entry["nonce"]), _unb64(entry["wrapped"]), site_id.encode()
+        )
+    except (InvalidTag, ValueError) as err:
+        raise NotAuthorizedError(
+            f"cannot unwrap the data key of key version {header.key_version} with site "
+            f"{site_id!r}'s private key (wrong site key)"
+        ) from err
+    try:
+        plain = AESGCM(data_key).decrypt(_unb64(header.nonce), ciphertext, header_bytes)
+    except InvalidTag as err:
+        raise IntegrityError(
+            f"key version {header.key_version} failed AEAD authentication (corrupted ciphertext)"
+        ) from err
+    parts, offset = {}, 0
+    for p in header.parts:
+        parts[p["name"]] = plain[offset : offset + int(p["size"])]
+        offset += int(p["size"])
+    if offset != len(plain):
+        raise IntegrityError(f"key version {header.key_version} part sizes do not add up")
+    return header, parts

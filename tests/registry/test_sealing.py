@@ -1,0 +1,124 @@
+"""Sealing and the owner's keyring: confidentiality per site, tamper evidence, revocation."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from registry.errors import IntegrityError, NotAuthorizedError, RegistryError, SignatureError
+from registry.sealing import (
+    MAGIC,
+    generate_site_keys,
+    load_private_key,
+    open_sealed,
+    read_header,
+    verify_sealed,
+)
+from registry.sites import OwnerKeyring
+
+HEADER = {"key_version": 1, "parent": None, "base_sha256": "ab" * 32, "model_sha256": None}
+
+
+@pytest.fixture
+def world(tmp_path):
+    owner = OwnerKeyring.init(tmp_path / "owner")
+    for name in ("a", "b"):
+        generate_site_keys(tmp_path / name)
+        owner.add_site(name, tmp_path / name / "site.pub")
+    return owner, tmp_path
+
+
+def _open(blob, world, site="a", key_dir=None):
+    owner, root = world
+    return open_sealed(
+        blob,
+        site_id=site,
+        site_private_key=load_private_key(root / (key_dir or site) / "site.key"),
+        owner_public_pem=owner.owner_public_pem,
+    )
+
+
+def test_private_keys_are_0600(world):
+    owner, root = world
+    for path in (root / "owner" / "owner.key", root / "a" / "site.key"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(root / "a" / "site.pub").st_mode) == 0o644
+
+
+def test_roundtrip_every_site_and_parts(world):
+    owner, _ = world
+    parts = {"key": os.urandom(5000), "token": b'{"pattern": [1, 0]}'}
+    blob = owner.seal(parts, HEADER)
+    assert parts["key"] not in blob and parts["token"] not in blob
+    for site in ("a", "b"):
+        header, got = _open(blob, world, site)
+        assert got == parts and header.key_version == 1
+    assert read_header(blob).site_ids() == ["a", "b"]
+
+
+@pytest.mark.parametrize("where", ["magic", "length", "header", "ciphertext", "signature"])
+def test_any_tampered_byte_is_refused(world, where):
+    owner, _ = world
+    blob = bytearray(owner.seal({"key": os.urandom(2000)}, HEADER))
+    hlen = int.from_bytes(blob[len(MAGIC) : len(MAGIC) + 4], "big")
+    pos = {
+        "magic": 3,
+        "length": len(MAGIC) + 3,
+        "header": len(MAGIC) + 4 + hlen // 2,
+        "ciphertext": len(MAGIC) + 4 + hlen + 100,
+        "signature": len(blob) - 5,
+    }[where]
+    blob[pos] ^= 0x01
+    with pytest.raises(IntegrityError):
+        _open(bytes(blob), world)
+
+
+def test_signature_from_another_owner_is_refused(world, tmp_path):
+    owner, _ = world
+    other = OwnerKeyring.init(tmp_path / "other")
+    other.add_site("a", tmp_path / "a" / "site.pub")
+    blob = other.seal({"key": b"k" * 100}, HEADER)
+    with pytest.raises(SignatureError, match="signature check failed"):
+        verify_sealed(blob, owner.owner_public_pem)
+
+
+def test_wrong_site_key_is_refused(world):
+    owner, _ = world
+    blob = owner.seal({"key": b"k" * 100}, HEADER)
+    with pytest.raises(NotAuthorizedError, match="not this site's key"):
+        _open(blob, world, site="a", key_dir="b")
+
+
+def test_revoked_site_cannot_open_later_versions(world):
+    owner, _ = world
+    before = owner.seal({"key": b"old" * 10}, HEADER)
+    owner.revoke_site("b")
+    after = owner.seal({"key": b"new" * 10}, {**HEADER, "key_version": 2, "parent": 1})
+    assert _open(before, world, "b")[1]["key"] == b"old" * 10  # cannot be undone
+    with pytest.raises(NotAuthorizedError, match="not a recipient of key version 2"):
+        _open(after, world, "b")
+    assert _open(after, world, "a")[1]["key"] == b"new" * 10
+    assert [s.site_id for s in owner.sites(include_revoked=False)] == ["a"]
+    assert owner.sites()[1].revoked
+
+
+def test_keyring_rejects_bad_input(world, tmp_path):
+    owner, root = world
+    with pytest.raises(RegistryError, match="already exists"):
+        owner.add_site("a", root / "a" / "site.pub")
+    with pytest.raises(RegistryError, match="expected X25519"):
+        owner.add_site("c", root / "owner" / "owner.pub")
+    with pytest.raises(RegistryError, match="invalid"):
+        owner.add_site("bad id!", root / "a" / "site.pub")
+    with pytest.raises(FileExistsError):
+        OwnerKeyring.init(root / "owner")
+
+
+def test_idempotency_key_is_deterministic_and_keyed(world, tmp_path):
+    owner, _ = world
+    other = OwnerKeyring.init(tmp_path / "other")
+    assert owner.idempotency_key("x", b"key") == owner.idempotency_key("x", b"key")
+    assert owner.idempotency_key("x", b"key") != owner.idempotency_key("x", b"kez")
+    assert owner.idempotency_key("x", b"key") != other.idempotency_key("x", b"key")
