@@ -39,27 +39,35 @@ from adaloc.training import TrainConfig, fit
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line arguments of the recipe."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="fashion-mnist",
-                   help="fashion-mnist | digits | cifar100 | flowers102 | caltech256 | "
-                        "imagefolder:PATH")
+    p.add_argument(
+        "--dataset",
+        default="fashion-mnist",
+        help="fashion-mnist | digits | cifar100 | flowers102 | caltech256 | imagefolder:PATH",
+    )
     p.add_argument("--data-root", default="data", help="root folder of the datasets")
     p.add_argument("--model", default="cnn", choices=MODEL_NAMES)
     p.add_argument("--updates", type=int, default=3, help="number of key-only updates K")
     p.add_argument("--epochs", type=int, default=2, help="epochs per stage")
-    p.add_argument("--key-budget", type=float, default=0.05,
-                   help="fraction of parameters in the key")
+    p.add_argument(
+        "--key-budget", type=float, default=0.05, help="fraction of parameters in the key"
+    )
     p.add_argument("--selection", default="saliency", choices=SELECTIONS)
     p.add_argument("--granularity", default="row", choices=("row", "element"))
     p.add_argument("--bn-stats", default="key", choices=("key", "freeze"))
-    p.add_argument("--no-norm-in-key", action="store_true",
-                   help="leave normalization layers out of the key")
+    p.add_argument(
+        "--no-norm-in-key", action="store_true", help="leave normalization layers out of the key"
+    )
     p.add_argument("--no-head-in-key", action="store_true", help="leave the head out of the key")
-    p.add_argument("--shifts", default="invert,rotate,contrast",
-                   help="domain shifts for updates 2.. (comma-separated)")
-    p.add_argument("--rules", default="",
-                   help="also compare these selection rules, e.g. magnitude,random")
+    p.add_argument(
+        "--shifts",
+        default="invert,rotate,contrast",
+        help="domain shifts for updates 2.. (comma-separated)",
+    )
+    p.add_argument(
+        "--rules", default="", help="also compare these selection rules, e.g. magnitude,random"
+    )
     p.add_argument("--lr", type=float, default=0.05, help="learning rate of base training")
-    p.add_argument("--update-lr", type=float, default=0.01, help="learning rate of updates")
+    p.add_argument("--update-lr", type=float, default=0.05, help="learning rate of updates")
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw", "adam"))
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -69,9 +77,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _spec(args, selection: str) -> KeySpec:
-    return KeySpec(budget=args.key_budget, selection=selection, granularity=args.granularity,
-                   seed=args.seed, include_norm=not args.no_norm_in_key,
-                   include_head=not args.no_head_in_key, bn_stats=args.bn_stats)
+    return KeySpec(
+        budget=args.key_budget,
+        selection=selection,
+        granularity=args.granularity,
+        seed=args.seed,
+        include_norm=not args.no_norm_in_key,
+        include_head=not args.no_head_in_key,
+        bn_stats=args.bn_stats,
+    )
 
 
 def run_chain(model, spec, stages, update_cfg, *, progress=True, with_full=True) -> dict:
@@ -88,32 +102,46 @@ def run_chain(model, spec, stages, update_cfg, *, progress=True, with_full=True)
         if stage.index > 0:
             owner = unlock(base, key)
             cfg = dataclasses.replace(update_cfg, seed=update_cfg.seed + stage.index)
-            rep = fit(owner, stage.train, cfg, mask=mask, progress=progress,
-                      desc=f"key-only {stage.name}")
+            rep = fit(
+                owner, stage.train, cfg, mask=mask, progress=progress, desc=f"key-only {stage.name}"
+            )
             seconds = rep.seconds
-            key = extract_key(owner, mask, base_sha256=key.base_sha256,
-                              version=stage.index + 1, parent=stage.index)
+            key = extract_key(
+                owner,
+                mask,
+                base_sha256=key.base_sha256,
+                version=stage.index + 1,
+                parent=stage.index,
+            )
             if with_full:
                 fit(full, stage.train, cfg, progress=progress, desc=f"full FT {stage.name}")
         authorized = unlock(base, key)
-        versions.append({
-            "version": key.version,
-            "stage": stage.name,
-            "shifted": stage.shifted,
-            "shift": stage.shift,
-            "authorized_acc": accuracy(authorized, stage.test),
-            "unauthorized_acc": accuracy(base, stage.test),
-            "random_key_acc": accuracy(unlock(base, random_key(key, seed=stage.index)),
-                                       stage.test),
-            "full_finetune_acc": accuracy(full, stage.test) if with_full else None,
-            "key_bytes": len(encode_key(key)),
-            "base_bytes": base_bytes,
-            "outside_key_sha256": outside_key_sha256(authorized, mask),
-            "seconds": round(seconds, 2),
-        })
+        versions.append(
+            {
+                "version": key.version,
+                "stage": stage.name,
+                "shifted": stage.shifted,
+                "shift": stage.shift,
+                "authorized_acc": accuracy(authorized, stage.test),
+                "unauthorized_acc": accuracy(base, stage.test),
+                "random_key_acc": accuracy(
+                    unlock(base, random_key(key, seed=stage.index)), stage.test
+                ),
+                "full_finetune_acc": accuracy(full, stage.test) if with_full else None,
+                "key_bytes": len(encode_key(key)),
+                "base_bytes": base_bytes,
+                "outside_key_sha256": outside_key_sha256(authorized, mask),
+                "seconds": round(seconds, 2),
+            }
+        )
         assert versions[-1]["outside_key_sha256"] == outside, "key-only update left the key"
-    return {"mask": mask, "base": base, "params_in_key": mask.params_in_key(model),
-            "params_total": total, "versions": versions}
+    return {
+        "mask": mask,
+        "base": base,
+        "params_in_key": mask.params_in_key(model),
+        "params_total": total,
+        "versions": versions,
+    }
 
 
 def plot(result: dict, path: Path) -> None:
@@ -126,18 +154,22 @@ def plot(result: dict, path: Path) -> None:
     vs = result["versions"]
     x = [f"v{v['version']}\n{v['stage']}" for v in vs]
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(vs), 4))
-    series = [("authorized_acc", "authorized (base + key)", "o-"),
-              ("full_finetune_acc", "full fine-tuning", "s--"),
-              ("random_key_acc", "base + random key", "^:"),
-              ("unauthorized_acc", "unauthorized (base alone)", "x-")]
+    series = [
+        ("authorized_acc", "authorized (base + key)", "o-"),
+        ("full_finetune_acc", "full fine-tuning", "s--"),
+        ("random_key_acc", "base + random key", "^:"),
+        ("unauthorized_acc", "unauthorized (base alone)", "x-"),
+    ]
     for field, label, style in series:
         ax.plot(x, [100 * v[field] for v in vs], style, label=label)
     ax.axhline(100 * result["chance"], color="grey", lw=0.8, ls="--", label="chance")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{result['dataset']} / {result['model']}: key "
-                 f"{100 * result['key']['params_in_key'] / result['key']['params_total']:.1f}% "
-                 "of parameters")
+    ax.set_title(
+        f"{result['dataset']} / {result['model']}: key "
+        f"{100 * result['key']['params_in_key'] / result['key']['params_total']:.1f}% "
+        "of parameters"
+    )
     ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -154,10 +186,15 @@ def main(args: argparse.Namespace) -> dict:
     bundle = load_dataset(args.dataset, args.data_root)
     shifts = tuple(s for s in args.shifts.split(",") if s)
     stages = make_stages(bundle, updates=args.updates, seed=args.seed, shifts=shifts)
-    model = build_model(args.model, in_channels=bundle.in_channels,
-                        num_classes=bundle.num_classes, image_size=bundle.image_size)
-    base_cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
-                           seed=args.seed, device=args.device)
+    model = build_model(
+        args.model,
+        in_channels=bundle.in_channels,
+        num_classes=bundle.num_classes,
+        image_size=bundle.image_size,
+    )
+    base_cfg = TrainConfig(
+        epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, seed=args.seed, device=args.device
+    )
     fit(model, stages[0].train, base_cfg, progress=progress, desc="train base")
     model.to("cpu")
     update_cfg = dataclasses.replace(base_cfg, lr=args.update_lr)
@@ -168,10 +205,16 @@ def main(args: argparse.Namespace) -> dict:
         "model": args.model,
         "num_classes": bundle.num_classes,
         "chance": chance_level(bundle.num_classes),
-        "key": {"budget": spec.budget, "selection": spec.selection,
-                "granularity": spec.granularity, "include_norm": spec.include_norm,
-                "include_head": spec.include_head, "bn_stats": spec.bn_stats,
-                "params_in_key": chain["params_in_key"], "params_total": chain["params_total"]},
+        "key": {
+            "budget": spec.budget,
+            "selection": spec.selection,
+            "granularity": spec.granularity,
+            "include_norm": spec.include_norm,
+            "include_head": spec.include_head,
+            "bn_stats": spec.bn_stats,
+            "params_in_key": chain["params_in_key"],
+            "params_total": chain["params_total"],
+        },
         "base_sha256": state_sha256(chain["base"]),
         "versions": chain["versions"],
     }
@@ -179,8 +222,9 @@ def main(args: argparse.Namespace) -> dict:
     if rules:
         result["rules"] = {args.selection: _rule_row(chain)}
         for rule in rules:
-            other = run_chain(model, _spec(args, rule), stages, update_cfg, progress=progress,
-                              with_full=False)
+            other = run_chain(
+                model, _spec(args, rule), stages, update_cfg, progress=progress, with_full=False
+            )
             result["rules"][rule] = _rule_row(other)
     result["seconds_total"] = round(time.perf_counter() - t0, 1)
     (out / "lifecycle.json").write_text(json.dumps(result, indent=2))
@@ -190,22 +234,40 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def _rule_row(chain: dict) -> dict:
-    return {"params_in_key": chain["params_in_key"],
-            "versions": [{k: v[k] for k in ("version", "stage", "authorized_acc",
-                                            "unauthorized_acc", "random_key_acc")}
-                         for v in chain["versions"]]}
+    return {
+        "params_in_key": chain["params_in_key"],
+        "versions": [
+            {
+                k: v[k]
+                for k in (
+                    "version",
+                    "stage",
+                    "authorized_acc",
+                    "unauthorized_acc",
+                    "random_key_acc",
+                )
+            }
+            for v in chain["versions"]
+        ],
+    }
 
 
 def _print_table(result: dict) -> None:
-    print(f"\n{result['dataset']} / {result['model']}  chance {100 * result['chance']:.1f}%  "
-          f"key {result['key']['params_in_key']}/{result['key']['params_total']} params")
-    print(f"{'ver':>3} {'stage':<18} {'auth':>6} {'full':>6} {'unauth':>6} {'randkey':>7} "
-          f"{'key B':>8} {'base B':>8}")
+    print(
+        f"\n{result['dataset']} / {result['model']}  chance {100 * result['chance']:.1f}%  "
+        f"key {result['key']['params_in_key']}/{result['key']['params_total']} params"
+    )
+    print(
+        f"{'ver':>3} {'stage':<18} {'auth':>6} {'full':>6} {'unauth':>6} {'randkey':>7} "
+        f"{'key B':>8} {'base B':>8}"
+    )
     for v in result["versions"]:
         full = v["full_finetune_acc"]
-        print(f"{v['version']:>3} {v['stage']:<18} {100 * v['authorized_acc']:6.2f} "
-              f"{100 * full:6.2f} {100 * v['unauthorized_acc']:6.2f} "
-              f"{100 * v['random_key_acc']:7.2f} {v['key_bytes']:>8} {v['base_bytes']:>8}")
+        print(
+            f"{v['version']:>3} {v['stage']:<18} {100 * v['authorized_acc']:6.2f} "
+            f"{100 * full:6.2f} {100 * v['unauthorized_acc']:6.2f} "
+            f"{100 * v['random_key_acc']:7.2f} {v['key_bytes']:>8} {v['base_bytes']:>8}"
+        )
     for rule, row in result.get("rules", {}).items():
         accs = " ".join(f"{100 * v['authorized_acc']:6.2f}" for v in row["versions"])
         print(f"rule {rule:<10} authorized per version: {accs}")

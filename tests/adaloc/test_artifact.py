@@ -65,8 +65,9 @@ def test_base_file_is_not_a_key(locked):
 
 def test_base_round_trip(tmp_path):
     model = build_model("cnn", in_channels=1, num_classes=10, image_size=28)
-    card = ModelCard("cnn", {"in_channels": 1, "num_classes": 10, "image_size": 28}, 10,
-                     [1, 28, 28])
+    card = ModelCard(
+        "cnn", {"in_channels": 1, "num_classes": 10, "image_size": 28}, 10, [1, 28, 28]
+    )
     info = save_base(model, card, tmp_path)
     loaded, card2 = load_base(tmp_path)
     assert card2 == card

@@ -21,8 +21,9 @@ def test_budget_outside_unit_interval_names_value(budget):
         KeySpec(budget=budget)
 
 
-@pytest.mark.parametrize("field,value", [("selection", "best"), ("granularity", "block"),
-                                         ("bn_stats", "drop")])
+@pytest.mark.parametrize(
+    "field,value", [("selection", "best"), ("granularity", "block"), ("bn_stats", "drop")]
+)
 def test_unknown_choices_rejected(field, value):
     with pytest.raises(ConfigError, match=value):
         KeySpec(**{field: value})
@@ -58,8 +59,8 @@ def test_forced_parts_are_whole(trained_tiny):
 def test_magnitude_and_bottom_pick_opposite_rows(trained_tiny):
     top = select_key(trained_tiny, KeySpec(budget=0.3, include_norm=False, include_head=False))
     bot = select_key(
-        trained_tiny, KeySpec(budget=0.3, selection="bottom", include_norm=False,
-                              include_head=False)
+        trained_tiny,
+        KeySpec(budget=0.3, selection="bottom", include_norm=False, include_head=False),
     )
     w = trained_tiny.state_dict()["5.weight"]
     l1 = w.abs().sum(1)

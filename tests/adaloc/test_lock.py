@@ -22,8 +22,9 @@ def test_unlock_is_bit_identical(trained_tiny, fill, granularity):
     assert state_sha256(base) == key.base_sha256 != state_sha256(trained_tiny)
     restored = unlock(base, key)
     assert state_sha256(restored) == state_sha256(trained_tiny)
-    for (n, a), b in zip(trained_tiny.state_dict().items(), restored.state_dict().values(),
-                         strict=True):
+    for (n, a), b in zip(
+        trained_tiny.state_dict().items(), restored.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), n
     assert outside_key_sha256(base, mask) == outside_key_sha256(trained_tiny, mask)
 

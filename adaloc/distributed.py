@@ -1,0 +1,154 @@
+"""Data-parallel (DDP) training for multi-GPU lock training, launched with ``torchrun``.
+
+The same two modes as :func:`adaloc.training.fit`: full training (the base) and key-only
+training that cannot move anything outside the key. Key-only DDP keeps the guarantee by the
+same construction: :class:`~adaloc.training.KeyGuard` masks gradients *before* DDP's
+all-reduce (tensor hooks fire before the reducer sees a gradient), only keyed parameters are
+registered with DDP, and every non-key value is written back after each step. Every rank
+starts from the same weights (DDP broadcasts rank 0's at wrap time) and walks its own
+shard of one shared, seeded permutation, so the ranks stay identical.
+
+Backend: ``gloo`` on CPU, ``nccl`` on CUDA. Run ``torchrun --nproc_per_node 2 -m
+pipelines.train_ddp ...``; this module holds the tensor maths, the entry point only I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from adaloc.device import autocast, best_device, grad_scaler
+from adaloc.errors import ConfigError
+from adaloc.keys import KeyMask
+from adaloc.training import KeyGuard, TrainConfig, TrainReport, make_optimizer
+
+
+def backend_for(device: torch.device) -> str:
+    """``nccl`` for CUDA devices, ``gloo`` otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_*); returns
+    ``(rank, world_size, device)``. One process per GPU on CUDA (LOCAL_RANK picks it)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ConfigError(
+            "distributed training needs torchrun's environment (RANK, WORLD_SIZE); "
+            "launch with `torchrun --nproc_per_node N ...`"
+        )
+    dev = best_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend_for(dev))
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group (safe to call when it was never joined)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_batches(n: int, batch_size: int, g: torch.Generator, rank: int, world: int):
+    """Per-rank index batches: one seeded permutation shared by all ranks, dealt round-robin
+    and cut to equal length so every rank takes the same number of steps (DDP needs it)."""
+    order = torch.randperm(n, generator=g)
+    per_rank = n // world
+    mine = order[rank::world][:per_rank]
+    for start in range(0, per_rank, batch_size):
+        yield mine[start : start + batch_size]
+
+
+def fit_distributed(
+    model: nn.Module,
+    train,
+    cfg: TrainConfig,
+    *,
+    mask: KeyMask | None = None,
+    device: torch.device | None = None,
+    desc: str = "train-ddp",
+    progress: bool = True,
+) -> TrainReport:
+    """Train ``model`` on ``train`` with DDP across the current process group; with ``mask``
+    only the key changes. ``cfg.batch_size`` is per rank. Returns rank-local timings."""
+    if not dist.is_initialized():
+        raise ConfigError("fit_distributed needs a process group; call init_distributed() first")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if len(train) < world:
+        raise ConfigError(f"training set of {len(train)} images is smaller than {world} ranks")
+    dev = device or best_device(cfg.device)
+    model.to(dev)
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    # KeyGuard first: it turns requires_grad off outside the key, so DDP registers (and
+    # all-reduces) only keyed parameters, and its masking hooks run before the reduction.
+    guard = KeyGuard(model, mask) if mask is not None else None
+    ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    params = guard.trainable() if guard else [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg)
+    steps_per_epoch = math.ceil((len(train) // world) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    sched = None
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )
+    scaler = grad_scaler(dev, cfg.amp)
+    report = TrainReport(seconds=0.0, steps=0)
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc=desc, disable=not progress or rank != 0, leave=False)
+    try:
+        for _epoch in range(cfg.epochs):
+            if guard:
+                guard.set_modes()
+            else:
+                ddp.train()
+            running, seen = 0.0, 0
+            for idx in shard_batches(len(train), cfg.batch_size, g, rank, world):
+                x, y = train.x[idx].to(dev), train.y[idx].to(dev)
+                with autocast(dev, cfg.amp):
+                    logits = ddp(x)
+                loss = nn.functional.cross_entropy(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                if guard:
+                    guard.restore()
+                if sched:
+                    sched.step()
+                running += float(loss.detach()) * len(idx)
+                seen += len(idx)
+                report.steps += 1
+                bar.update(1)
+            report.losses.append(running / max(seen, 1))
+    finally:
+        bar.close()
+        if guard:
+            guard.close()
+    # each rank's last forward updated its own BatchNorm statistics: take rank 0's
+    with torch.no_grad():
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+    model.eval()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def ranks_agree(model: nn.Module) -> bool:
+    """True when every rank holds bit-identical weights and buffers (compares sha256)."""
+    from adaloc.lock import state_sha256
+
+    mine = state_sha256(model)
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return all(s == mine for s in gathered)

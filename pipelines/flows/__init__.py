@@ -1,0 +1,1 @@
+"""Prefect flows: lock, update, evaluate and the scheduled retrain (see prefect.yaml)."""

@@ -1,0 +1,55 @@
+"""evaluate flow: authorized / unauthorized / random-key accuracy for any key version, with
+metrics and PNG plots logged to that version's MLflow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from pipelines import plots
+from pipelines import tasks as T
+from pipelines.flows.common import gate, open_registry, read_config, report, run_name
+
+
+@flow(name="evaluate", flow_run_name=run_name("evaluate"), log_prints=True)
+def evaluate_flow(
+    config_path: str | None = None, overrides: dict | None = None, ref: str = "production"
+) -> dict:
+    """Evaluate key version ``ref`` (number or alias) on the test data of its stage."""
+    cfg = read_config(config_path, overrides)
+    registry = open_registry(cfg)
+    work = T.scratch_dir()
+
+    kv = T.resolve_version(registry, str(ref))
+    bundle = T.load_data(cfg)
+    stage = T.make_stages(bundle, cfg)[T.stage_for_version(kv.version, cfg.updates)]
+    base = T.download_base(registry, kv.base_sha256, f"{work}/base")
+    key = T.load_owner_key(cfg.owner_dir, kv.version)
+    metrics = T.evaluate(base, key, stage.test, version=kv.version, seed=cfg.seed)
+    classes = T.per_class(T.restore(base, key), stage.test, bundle.num_classes)
+    passed, reasons = gate(metrics, cfg)
+
+    title = f"{cfg.name} key v{kv.version} ({stage.name})"
+    files = [
+        plots.lock_bars(metrics, Path(work) / "lock_accuracy.png", title),
+        plots.per_class_bars(classes, bundle.classes, Path(work) / "per_class.png", title),
+        T.write_temp(work, "config.json", cfg.to_json()),
+    ]
+    T.log_metrics(registry, kv.run_id, {f"eval_{k}": v for k, v in metrics.items()})
+    T.log_files(registry, kv.run_id, files, "evaluation")
+    rows = {
+        "key version": kv.version,
+        "stage": stage.name,
+        **metrics,
+        "gate": "passed" if passed else "; ".join(reasons),
+        "aliases": kv.aliases,
+    }
+    report("evaluation", f"evaluate {title}", rows)
+    return {
+        "version": kv.version,
+        "metrics": metrics,
+        "passed": passed,
+        "reasons": reasons,
+        "per_class": classes,
+    }

@@ -1,0 +1,110 @@
+"""lock flow: data (DVC version) -> train base -> select key -> lock -> evaluate ->
+publish base once + key v1 -> quality gate -> alias."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from pipelines import tasks as T
+from pipelines.flows.common import (
+    config_params,
+    gate,
+    open_owner,
+    open_registry,
+    read_config,
+    report,
+    require_sites,
+    run_name,
+)
+
+
+@flow(name="lock", flow_run_name=run_name("lock"), log_prints=True)
+def lock_flow(
+    config_path: str | None = None,
+    overrides: dict | None = None,
+    nproc: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Train and lock a model; publish its base once and key version 1.
+
+    nproc > 1 trains the base with ``torchrun`` (DDP: nccl on GPUs, gloo on CPU).
+    Returns the key version's record plus metrics and the gate's verdict.
+    """
+    log = get_run_logger()
+    cfg = read_config(config_path, overrides)
+    registry, owner = open_registry(cfg), open_owner(cfg)
+    require_sites(owner)
+    work = T.scratch_dir()
+
+    data_version = T.resolve_data_version(cfg.dvc_file)
+    bundle = T.load_data(cfg)
+    stages = T.make_stages(bundle, cfg)
+    model = T.build_model(bundle, cfg)
+    if nproc > 1:
+        model.load_state_dict(T.train_base_ddp(cfg, nproc, work))
+        seconds = None
+    else:
+        seconds = T.train_base(model, stages[0].train, cfg, progress).seconds
+    mask = T.select_key(model, cfg, stages[0].train)
+    base, key = T.lock_model(model, mask, cfg.seed)
+    metrics = T.evaluate(base, key, stages[0].test, version=1, seed=cfg.seed)
+    owner_model_sha = _state_sha(T.restore(base, key))
+
+    saved = T.save_base(base, cfg, bundle, str(Path(work) / "base"))
+    params = {**config_params(cfg), "data_version": data_version, "stage": stages[0].name}
+    bv = T.publish_base(
+        registry,
+        str(Path(work) / "base"),
+        saved["sha256"],
+        params,
+        {"train_seconds": seconds} if seconds else {},
+    )
+    T.keep_key(key, cfg.owner_dir, 1)
+    passed, reasons = gate(metrics, cfg)
+    kv = T.publish_key(
+        registry,
+        key,
+        owner,
+        1,
+        parent=None,
+        model_sha256=owner_model_sha,
+        metrics={**metrics, "base_bytes": saved["bytes"], "gate_passed": float(passed)},
+        params=params,
+        data_version=data_version,
+        key_spec=cfg.key_spec().to_dict(),
+        aliases=("candidate",),
+    )
+    if passed:
+        kv = T.set_alias(registry, "production", 1)
+    else:
+        log.warning("key v1 stays a candidate: %s", "; ".join(reasons))
+    T.log_files(registry, kv.run_id, [T.write_temp(work, "config.json", cfg.to_json())])
+    rows = {
+        "key version": 1,
+        "base mlflow version": bv.mlflow_version,
+        **metrics,
+        "key bytes (sealed)": kv.sealed_bytes,
+        "base bytes": saved["bytes"],
+        "data version": data_version,
+        "gate": "passed" if passed else "; ".join(reasons),
+        "aliases": kv.aliases,
+    }
+    report("lock-summary", f"lock {cfg.name}", rows)
+    return {
+        "version": 1,
+        "record": kv.to_dict(),
+        "metrics": metrics,
+        "passed": passed,
+        "base_bytes": saved["bytes"],
+        "data_version": data_version,
+        "model_sha256": owner_model_sha,
+        "base": bv.to_dict(),
+    }
+
+
+def _state_sha(model) -> str:
+    from adaloc.lock import state_sha256
+
+    return state_sha256(model)

@@ -1,0 +1,327 @@
+"""Prefect tasks: each wraps one ``adaloc`` or ``registry`` call (I/O ones with retries).
+
+Tensors never leave the process (no result persistence, no input hashing): tasks run in
+the flow's process and hand models and datasets over in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from pipelines.config import PipelineConfig
+from pipelines.data_version import data_version
+
+IO = {"retries": 3, "retry_delay_seconds": [1, 5, 15], "cache_policy": NO_CACHE}
+LOCAL = {"cache_policy": NO_CACHE, "persist_result": False}
+UPDATE_LR = 0.01  # key-only updates use a smaller step than base training (bench/lifecycle)
+
+
+# ---------------------------------------------------------------- data
+@task(name="data version", **IO)
+def resolve_data_version(dvc_file: str) -> str:
+    """md5 of the DVC-tracked data directory (the data version a key version records)."""
+    return data_version(dvc_file)
+
+
+@task(name="load dataset", retries=1, **LOCAL)
+def load_data(cfg: PipelineConfig):
+    """Load the dataset (capped by train_limit/test_limit) into memory."""
+    import torch
+
+    from adaloc.data import load_dataset
+
+    bundle = load_dataset(cfg.dataset, cfg.data_root)
+    if cfg.train_limit and cfg.train_limit < len(bundle.train):
+        bundle.train = bundle.train.subset(torch.arange(cfg.train_limit))
+    if cfg.test_limit and cfg.test_limit < len(bundle.test):
+        bundle.test = bundle.test.subset(torch.arange(cfg.test_limit))
+    return bundle
+
+
+@task(name="make stages", **LOCAL)
+def make_stages(bundle, cfg: PipelineConfig):
+    """Base stage + ``cfg.updates`` update stages on disjoint data (shifts from update 2)."""
+    from adaloc.data import make_stages as _make_stages
+
+    return _make_stages(bundle, updates=cfg.updates, seed=cfg.seed)
+
+
+def stage_for_version(version: int, updates: int) -> int:
+    """Stage trained by key version ``version``: v1 is the lock (stage 0), v2.. cycle 1..K."""
+    return 0 if version <= 1 else (version - 2) % updates + 1
+
+
+# ---------------------------------------------------------------- training (adaloc)
+def train_config(cfg: PipelineConfig, *, key_only: bool, seed_offset: int = 0):
+    """The adaloc TrainConfig for base training or a key-only update."""
+    from adaloc.training import TrainConfig
+
+    kwargs = {"lr": cfg.lr} if cfg.lr else ({"lr": UPDATE_LR} if key_only else {})
+    return TrainConfig(
+        epochs=cfg.key_epochs if key_only else cfg.epochs,
+        batch_size=cfg.batch_size,
+        optimizer=cfg.optimizer,
+        seed=cfg.seed + seed_offset,
+        device=cfg.device,
+        **kwargs,
+    )
+
+
+@task(name="build model", **LOCAL)
+def build_model(bundle, cfg: PipelineConfig):
+    """A fresh network for the dataset's channels, size and classes (seeded)."""
+    import torch
+
+    from adaloc.models import build_model as _build
+
+    torch.manual_seed(cfg.seed)
+    return _build(
+        cfg.model,
+        in_channels=bundle.in_channels,
+        num_classes=bundle.num_classes,
+        image_size=bundle.image_size,
+    )
+
+
+@task(name="train base", **LOCAL)
+def train_base(model, train, cfg: PipelineConfig, progress: bool = True):
+    """Full training of the owner's network (CUDA + AMP when present, else CPU)."""
+    from adaloc.training import fit
+
+    report = fit(
+        model, train, train_config(cfg, key_only=False), desc="train base", progress=progress
+    )
+    model.to("cpu")
+    return report
+
+
+@task(name="train base (torchrun DDP)", **LOCAL)
+def train_base_ddp(cfg: PipelineConfig, nproc: int, workdir: str):
+    """Full training with ``torchrun --nproc_per_node nproc`` (DDP; gloo on CPU, nccl on
+    CUDA); returns the trained state dict."""
+    from safetensors.torch import load_file
+
+    out = Path(workdir) / "ddp-base.safetensors"
+    tc = train_config(cfg, key_only=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "pipelines.train_ddp",
+        "--dataset",
+        cfg.dataset,
+        "--data-root",
+        cfg.data_root,
+        "--model",
+        cfg.model,
+        "--mode",
+        "full",
+        "--epochs",
+        str(tc.epochs),
+        "--batch-size",
+        str(tc.batch_size),
+        "--optimizer",
+        tc.optimizer,
+        "--lr",
+        str(tc.lr),
+        "--seed",
+        str(tc.seed),
+        "--train-limit",
+        str(cfg.train_limit),
+        "--updates",
+        str(cfg.updates),
+        "--device",
+        cfg.device,
+        "--out",
+        str(out),
+    ]
+    subprocess.run(cmd, check=True)
+    return load_file(out)
+
+
+@task(name="select key", **LOCAL)
+def select_key(model, cfg: PipelineConfig, train):
+    """Choose the key positions (budget, rule, granularity from the config's key spec)."""
+    from adaloc.keys import select_key as _select
+
+    return _select(model, cfg.key_spec(), data=train)
+
+
+@task(name="lock", **LOCAL)
+def lock_model(model, mask, seed: int):
+    """Split the network into the public base and the secret key v1."""
+    from adaloc.lock import lock
+
+    return lock(model, mask, seed=seed)
+
+
+@task(name="restore model", **LOCAL)
+def restore(base, key):
+    """base + key -> the authorized model (bit-identical to the owner's)."""
+    from adaloc.lock import unlock
+
+    return unlock(base, key)
+
+
+@task(name="key-only training", task_run_name="key-only training v{version}", **LOCAL)
+def train_key(model, train, mask, cfg: PipelineConfig, version: int, progress: bool = True):
+    """Train only the key positions on the new data (KeyGuard keeps the rest bit-identical)."""
+    from adaloc.training import fit
+
+    tc = train_config(cfg, key_only=True, seed_offset=version)
+    report = fit(model, train, tc, mask=mask, desc=f"key-only v{version}", progress=progress)
+    model.to("cpu")
+    return report
+
+
+@task(name="extract key", task_run_name="extract key v{version}", **LOCAL)
+def extract_key(model, mask, base_sha256: str, version: int, parent: int | None):
+    """The key values after key-only training, as key version ``version``."""
+    from adaloc.lock import extract_key as _extract
+
+    return _extract(model, mask, base_sha256=base_sha256, version=version, parent=parent)
+
+
+@task(name="evaluate lock", task_run_name="evaluate v{version}", **LOCAL)
+def evaluate(base, key, test, version: int, seed: int = 0) -> dict:
+    """Authorized / unauthorized / random-key accuracy and chance on ``test``."""
+    from adaloc.evaluate import evaluate_lock
+
+    return evaluate_lock(base, key, test, seed=seed + version)
+
+
+@task(name="per-class accuracy", **LOCAL)
+def per_class(model, test, num_classes: int) -> list[float]:
+    """Per-class accuracy of a model (for the evaluation plots)."""
+    from adaloc.evaluate import per_class_accuracy
+
+    return per_class_accuracy(model, test, num_classes)
+
+
+# ---------------------------------------------------------------- owner's files
+@task(name="save base", **LOCAL)
+def save_base(base, cfg: PipelineConfig, bundle, directory: str) -> dict:
+    """base.safetensors + model.json in ``directory``; returns sha256 and bytes."""
+    from adaloc.artifact import ModelCard
+    from adaloc.artifact import save_base as _save
+
+    card = ModelCard(
+        builder=cfg.model,
+        kwargs={
+            "in_channels": bundle.in_channels,
+            "num_classes": bundle.num_classes,
+            "image_size": list(bundle.image_size),
+        },
+        num_classes=bundle.num_classes,
+        input_shape=[bundle.in_channels, *bundle.image_size],
+        key_spec={k: v for k, v in cfg.key_spec().to_dict().items() if k != "seed"},
+    )
+    return _save(base, card, directory)
+
+
+def owner_key_path(owner_dir: str, version: int) -> Path:
+    """Where the owner keeps the plain key version (never uploaded; mode 0600)."""
+    return Path(owner_dir) / "keys" / f"key-v{version}.safetensors"
+
+
+@task(name="keep key", task_run_name="keep key v{version}", **IO)
+def keep_key(key, owner_dir: str, version: int) -> str:
+    """Write the plain key into the owner's private key store (before publishing it)."""
+    from adaloc.artifact import save_key
+
+    path = owner_key_path(owner_dir, version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    save_key(key, path)
+    os.chmod(path, 0o600)
+    return str(path)
+
+
+@task(name="load key", task_run_name="load key v{version}", **IO)
+def load_owner_key(owner_dir: str, version: int):
+    """Read key version ``version`` from the owner's private key store."""
+    from adaloc.artifact import load_key
+
+    return load_key(owner_key_path(owner_dir, version))
+
+
+# ---------------------------------------------------------------- registry (I/O)
+@task(name="publish base", **IO)
+def publish_base(registry, directory: str, base_sha256: str, params: dict, metrics: dict):
+    """Publish the locked base once (idempotent: an existing base is returned as is)."""
+    return registry.publish_base(directory, base_sha256=base_sha256, params=params, metrics=metrics)
+
+
+@task(name="publish key", task_run_name="publish key v{version}", **IO)
+def publish_key(registry, key, owner, version: int, **kwargs):
+    """Seal and publish key version ``version`` (atomic and idempotent in the registry)."""
+    return registry.publish_key(key, owner=owner, version=version, **kwargs)
+
+
+@task(name="set alias", task_run_name="alias {alias} -> v{version}", **IO)
+def set_alias(registry, alias: str, version: int):
+    """Move ``alias`` to key version ``version``."""
+    return registry.set_alias(alias, version)
+
+
+@task(name="latest key version", **IO)
+def latest_key_version(registry):
+    """The newest ready key version, or None when nothing is published."""
+    from registry.errors import NotFoundError
+
+    try:
+        return registry.resolve("latest")
+    except NotFoundError:
+        return None
+
+
+@task(name="resolve key version", task_run_name="resolve {ref}", **IO)
+def resolve_version(registry, ref: str):
+    """A ready key version by number or alias."""
+    return registry.resolve(ref)
+
+
+@task(name="download base", **IO)
+def download_base(registry, base_sha256: str, dst_dir: str):
+    """Download the published base and load it."""
+    from adaloc.artifact import load_base
+
+    folder = registry.download_base(registry.base(base_sha256), dst_dir)
+    return load_base(folder)[0]
+
+
+@task(name="log files", **IO)
+def log_files(registry, run_id: str, files: list[str], artifact_path: str = "pipeline"):
+    """Attach files (config, plots, summaries) to an MLflow run."""
+    for f in files:
+        registry.client.log_artifact(run_id, f, artifact_path)
+
+
+@task(name="log metrics", **IO)
+def log_metrics(registry, run_id: str, metrics: dict):
+    """Log metrics on an MLflow run (e.g. evaluation figures on the version's run)."""
+    for k, v in metrics.items():
+        if v is not None:
+            registry.client.log_metric(run_id, k, float(v))
+
+
+def write_temp(directory: str, name: str, text: str) -> str:
+    """Write a small text file (config.json, report.md) for logging; return its path."""
+    path = Path(directory) / name
+    path.write_text(text)
+    return str(path)
+
+
+def scratch_dir() -> str:
+    """A fresh temporary directory for a flow's files."""
+    return tempfile.mkdtemp(prefix="adaloc-")
