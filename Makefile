@@ -6,7 +6,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/adaloc demo --out runs/demo
+	.venv/bin/adaloc demo --out runs/demo --force
 
 lint:
 	.venv/bin/ruff check .
