@@ -7,9 +7,7 @@ clear line; nothing is applied to a model before the whole artifact has been val
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,26 +27,11 @@ from adaloc.formats import (
     sha256_bytes,
     sha256_file,
 )
+from adaloc.fsutil import atomic_write_bytes
 from adaloc.keys import KeyMask
 from adaloc.lock import Key, state_sha256
 
 VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + fsync + rename, so readers never see half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _payload_sha(tensors: dict[str, torch.Tensor]) -> str:
