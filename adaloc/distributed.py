@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
-from adaloc.device import autocast, best_device, grad_scaler
+from adaloc.device import best_device
 from adaloc.errors import ConfigError
 from adaloc.keys import KeyMask
-from adaloc.training import KeyGuard, TrainConfig, TrainReport, make_optimizer
+from adaloc.training import KeyGuard, TrainConfig, TrainReport, run_loop
 
 
 def backend_for(device: torch.device) -> str:
@@ -93,54 +91,22 @@ def fit_distributed(
     # all-reduces) only keyed parameters, and its masking hooks run before the reduction.
     guard = KeyGuard(model, mask) if mask is not None else None
     ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    params = guard.trainable() if guard else [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg)
-    steps_per_epoch = math.ceil((len(train) // world) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    sched = None
-    if cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-        )
-    scaler = grad_scaler(dev, cfg.amp)
-    report = TrainReport(seconds=0.0, steps=0)
-    t0 = time.perf_counter()
-    bar = tqdm(total=total, desc=desc, disable=not progress or rank != 0, leave=False)
-    try:
-        for _epoch in range(cfg.epochs):
-            if guard:
-                guard.set_modes()
-            else:
-                ddp.train()
-            running, seen = 0.0, 0
-            for idx in shard_batches(len(train), cfg.batch_size, g, rank, world):
-                x, y = train.x[idx].to(dev), train.y[idx].to(dev)
-                with autocast(dev, cfg.amp):
-                    logits = ddp(x)
-                loss = nn.functional.cross_entropy(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                if guard:
-                    guard.restore()
-                if sched:
-                    sched.step()
-                running += float(loss.detach()) * len(idx)
-                seen += len(idx)
-                report.steps += 1
-                bar.update(1)
-            report.losses.append(running / max(seen, 1))
-    finally:
-        bar.close()
-        if guard:
-            guard.close()
+    report = run_loop(
+        model,
+        train,
+        cfg,
+        forward=ddp,
+        index_batches=lambda: shard_batches(len(train), cfg.batch_size, g, rank, world),
+        steps_per_epoch=math.ceil((len(train) // world) / cfg.batch_size),
+        device=dev,
+        guard=guard,
+        desc=desc,
+        progress=progress and rank == 0,
+    )
     # each rank's last forward updated its own BatchNorm statistics: take rank 0's
     with torch.no_grad():
         for buf in model.buffers():
             dist.broadcast(buf, src=0)
-    model.eval()
-    report.seconds = time.perf_counter() - t0
     return report
 
 

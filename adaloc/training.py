@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -149,39 +149,43 @@ def _batches(n: int, batch_size: int, g: torch.Generator):
             yield idx
 
 
-def fit(
+def cosine_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """Per-step cosine decay to zero over ``total_steps`` (None for a constant rate)."""
+    if cfg.schedule != "cosine":
+        return None
+    total = max(total_steps, 1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+
+
+def run_loop(
     model: nn.Module,
     train,
     cfg: TrainConfig,
     *,
-    mask: KeyMask | None = None,
+    forward: nn.Module,
+    index_batches: Callable[[], Iterator[torch.Tensor]],
+    steps_per_epoch: int,
+    device: torch.device,
+    guard: KeyGuard | None,
+    generator: torch.Generator | None = None,
     batch_fn: Callable | None = None,
     loss_fn: Callable | None = None,
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> TrainReport:
-    """Train ``model`` on ``train`` (an ImageSet); with ``mask``, only the key changes.
+    """The training loop shared by :func:`fit` and DDP training.
 
-    batch_fn(x, y, generator) -> (x, target) rewrites a batch (e.g. token stamping);
-    loss_fn(logits, target) defaults to cross-entropy, which accepts soft targets too.
+    ``forward`` is the module called on batches (``model`` itself or its DDP wrapper);
+    ``index_batches()`` yields one epoch of sample-index batches; ``generator`` is handed to
+    ``batch_fn``. Closes ``guard`` at the end.
     """
-    if len(train) == 0:
-        raise ConfigError("training set is empty")
-    device = best_device(cfg.device)
-    model.to(device)
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    guard = KeyGuard(model, mask) if mask is not None else None
     params = guard.trainable() if guard else [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    sched = None
-    if cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-        )
+    sched = cosine_schedule(opt, cfg, total)
     scaler = grad_scaler(device, cfg.amp)
     loss_fn = loss_fn or nn.functional.cross_entropy
     report = TrainReport(seconds=0.0, steps=0)
@@ -192,15 +196,15 @@ def fit(
             if guard:
                 guard.set_modes()
             else:
-                model.train()
+                forward.train()
             running, seen = 0.0, 0
-            for idx in _batches(len(train), cfg.batch_size, g):
+            for idx in index_batches():
                 x = train.x[idx].to(device, non_blocking=True)
                 target = train.y[idx].to(device, non_blocking=True)
                 if batch_fn is not None:
-                    x, target = batch_fn(x, target, g)
+                    x, target = batch_fn(x, target, generator)
                 with autocast(device, cfg.amp):
-                    logits = model(x)
+                    logits = forward(x)
                 loss = loss_fn(logits.float(), target)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -225,3 +229,44 @@ def fit(
     model.eval()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def fit(
+    model: nn.Module,
+    train,
+    cfg: TrainConfig,
+    *,
+    mask: KeyMask | None = None,
+    batch_fn: Callable | None = None,
+    loss_fn: Callable | None = None,
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainReport:
+    """Train ``model`` on ``train`` (an ImageSet); with ``mask``, only the key changes.
+
+    batch_fn(x, y, generator) -> (x, target) rewrites a batch (e.g. token stamping);
+    loss_fn(logits, target) defaults to cross-entropy, which accepts soft targets too.
+    """
+    if len(train) == 0:
+        raise ConfigError("training set is empty")
+    device = best_device(cfg.device)
+    model.to(device)
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    return run_loop(
+        model,
+        train,
+        cfg,
+        forward=model,
+        index_batches=lambda: _batches(len(train), cfg.batch_size, g),
+        steps_per_epoch=math.ceil(len(train) / cfg.batch_size),
+        device=device,
+        guard=KeyGuard(model, mask) if mask is not None else None,
+        generator=g,
+        batch_fn=batch_fn,
+        loss_fn=loss_fn,
+        on_epoch_end=on_epoch_end,
+        desc=desc,
+        progress=progress,
+    )
