@@ -9,6 +9,7 @@ from prefect import flow
 
 from pipelines import plots
 from pipelines import tasks as T
+from pipelines import token_tasks as TT
 from pipelines.flows.common import gate, open_registry, read_config, report, run_name
 
 
@@ -27,6 +28,9 @@ def evaluate_flow(
     base = T.download_base(registry, kv.base_sha256, f"{work}/base")
     key = T.load_owner_key(cfg.owner_dir, kv.version)
     metrics = T.evaluate(base, key, stage.test, version=kv.version, seed=cfg.seed)
+    if cfg.token:
+        tf = TT.two_factor(base, key, stage.test, TT.load_token(cfg))
+        metrics = TT.with_two_factor(metrics, tf)
     classes = T.per_class(T.restore(base, key), stage.test, bundle.num_classes)
     passed, reasons = gate(metrics, cfg)
 

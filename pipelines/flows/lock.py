@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from pipelines import tasks as T
+from pipelines import token_tasks as TT
 from pipelines.flows.common import (
     config_params,
     gate,
@@ -47,9 +48,14 @@ def lock_flow(
         seconds = None
     else:
         seconds = T.train_base(model, stages[0].train, cfg, progress).seconds
+    token = TT.make_token(cfg) if cfg.token else None
+    if token is not None:
+        TT.token_lock(model, stages[0], token, cfg, bundle.num_classes, progress)
     mask = T.select_key(model, cfg, stages[0].train)
     base, key = T.lock_model(model, mask, cfg.seed)
     metrics = T.evaluate(base, key, stages[0].test, version=1, seed=cfg.seed)
+    if token is not None:
+        metrics = TT.with_two_factor(metrics, TT.two_factor(base, key, stages[0].test, token))
     owner_model_sha = _state_sha(T.restore(base, key))
 
     saved = T.save_base(base, cfg, bundle, str(Path(work) / "base"))
@@ -75,6 +81,7 @@ def lock_flow(
         data_version=data_version,
         key_spec=cfg.key_spec().to_dict(),
         aliases=("candidate",),
+        token=token,
     )
     if passed:
         kv = T.set_alias(registry, "production", 1)

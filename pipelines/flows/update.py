@@ -6,6 +6,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from pipelines import tasks as T
+from pipelines import token_tasks as TT
 from pipelines.flows.common import (
     config_params,
     gate,
@@ -47,10 +48,19 @@ def update_flow(
 
     base = T.download_base(registry, latest.base_sha256, f"{work}/base")
     key = T.load_owner_key(cfg.owner_dir, parent)
-    model = T.restore(base, key)
-    seconds = T.train_key(model, stage.train, key.mask, cfg, version, progress).seconds
-    new_key = T.extract_key(model, key.mask, key.base_sha256, version, parent)
+    token = TT.load_token(cfg) if cfg.token else None
+    if token is None:
+        model = T.restore(base, key)
+        seconds = T.train_key(model, stage.train, key.mask, cfg, version, progress).seconds
+        new_key = T.extract_key(model, key.mask, key.base_sha256, version, parent)
+    else:
+        new_key, seconds = TT.token_key_update(
+            base, key, stage, token, cfg, version, bundle.num_classes, progress
+        )
+        model = T.restore(base, new_key)
     metrics = T.evaluate(base, new_key, stage.test, version=version, seed=cfg.seed)
+    if token is not None:
+        metrics = TT.with_two_factor(metrics, TT.two_factor(base, new_key, stage.test, token))
     passed, reasons = gate(metrics, cfg)
 
     T.keep_key(new_key, cfg.owner_dir, version)
@@ -67,6 +77,7 @@ def update_flow(
         data_version=data_version,
         key_spec=cfg.key_spec().to_dict(),
         aliases=("candidate",),
+        token=token,
     )
     if passed and promote:
         kv = T.set_alias(registry, "production", version)
