@@ -38,8 +38,8 @@ _MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 def _canonical(data: bytes) -> bytes:
     """Byte-stable form of a safetensors blob: its header JSON re-serialized with sorted keys.
 
-    safetensors writes ``__metadata__`` in hash-map order, so encoding the same key twice can
-    give different bytes; a retry must still map to the same idempotency id.
+    adaloc's encode_key is byte-deterministic already; this keeps the idempotency id stable
+    for raw key bytes from other writers, whose safetensors metadata order may vary.
     """
     try:
         (n,) = struct.unpack("<Q", data[:8])
