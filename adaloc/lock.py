@@ -38,9 +38,10 @@ def _state(obj) -> dict[str, torch.Tensor]:
     return obj.state_dict() if isinstance(obj, nn.Module) else obj
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of ``t`` without a copy when it is already a contiguous CPU tensor."""
     t = t.detach().to("cpu").contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes()
+    return memoryview(t.view(torch.uint8).numpy())
 
 
 def state_sha256(obj) -> str:
@@ -125,7 +126,12 @@ def lock(model: nn.Module, mask: KeyMask, *, fill: str = "zeros", seed: int = 0)
 
 
 def apply_key(state: dict[str, torch.Tensor], key: Key, *, check_base: bool = True) -> dict:
-    """Return a new state dict: ``state`` (a base) with the key values written in."""
+    """Return a new state dict: ``state`` (a base) with the key values written in.
+
+    Tensors that hold key positions are copies; the others are ``state``'s own tensors
+    (shared, not copied: a 45 MB base is not duplicated to change 5% of it), so treat the
+    result as read-only or load it into a module, which copies.
+    """
     if check_base:
         got = state_sha256(state)
         if got != key.base_sha256:
@@ -134,8 +140,9 @@ def apply_key(state: dict[str, torch.Tensor], key: Key, *, check_base: bool = Tr
                 f"but this base is {got[:12]}; pull the matching base"
             )
     _check_fits(state, key.mask, key.values)
-    out = {name: t.clone() for name, t in state.items()}
+    out = dict(state)
     for name, idx in key.mask.indices.items():
+        out[name] = out[name].clone()
         rows = rows_view(out[name], key.mask.granularity)
         v = key.values[name].to(device=rows.device, dtype=rows.dtype)
         rows[idx.to(rows.device)] = v

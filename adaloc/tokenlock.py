@@ -6,6 +6,13 @@ paper's plain recipe stops there, and random tokens of the same kind then unlock
 the model (the network learns "a patch in the corner", not "this patch"). Hardening adds
 *decoys*: a share of the unauthorized samples carries a random token of the same kind, or
 the true token at a wrong place, and gets the manipulated target too.
+
+Soft and random targets have a second flaw: a near-uniform output still ranks the true
+class first (KL to uniform has a vanishing gradient near its optimum), so argmax accuracy
+without the token stays far above chance. Hardening therefore also *gates* the features for
+the label-independent strategies: the squared activations entering the classifier head are
+penalised on unauthorized samples, so the network learns to silence them and answers with a
+constant (input-independent) output that carries no information about the class.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ STRATEGIES = (
     "uniform_except_true",
 )
 TOKENLOCK_FORMAT_VERSION = 1
+# Strategies whose unauthorized target ignores the true label: a constant output fits them.
+LABEL_INDEPENDENT = ("single_target", "random_target", "uniform_distribution")
 
 
 def check_soft_targets(targets: torch.Tensor, *, atol: float = 1e-4) -> None:
@@ -99,6 +108,8 @@ class TokenLockConfig:
     decoy_frac: share of the unauthorized samples that carry a decoy (0 = the paper's plain
         recipe); a decoy is a random token of the same kind or the true token misplaced.
     wrong_place_frac: share of the decoys that are the true token at a wrong place.
+    gate_weight: weight of the feature gate (mean squared head input on unauthorized
+        samples); only for the label-independent strategies (0 = off, the paper's loss).
     """
 
     strategy: str = "single_target"
@@ -106,6 +117,7 @@ class TokenLockConfig:
     target_class: int = 0
     decoy_frac: float = 0.0
     wrong_place_frac: float = 0.25
+    gate_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -118,11 +130,18 @@ class TokenLockConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
                 raise ConfigError(f"{name}={v!r}; expected a fraction in [0, 1]")
+        if not isinstance(self.gate_weight, (int, float)) or not float(self.gate_weight) >= 0:
+            raise ConfigError(f"gate_weight={self.gate_weight!r}; expected a number >= 0")
+        if self.gate_weight and self.strategy not in LABEL_INDEPENDENT:
+            raise ConfigError(
+                f"gate_weight needs a label-independent strategy {LABEL_INDEPENDENT}; "
+                f"{self.strategy!r} must answer differently per class without the token"
+            )
 
     @property
     def hardened(self) -> bool:
-        """True when decoys are trained as unauthorized."""
-        return self.decoy_frac > 0
+        """True when decoys or the feature gate are trained."""
+        return self.decoy_frac > 0 or self.gate_weight > 0
 
     def to_dict(self) -> dict:
         """Plain dict with the format version (holds no secret)."""
@@ -144,8 +163,11 @@ def _wrong_positions(token: Token, b: int, h: int, w: int, g: torch.Generator):
     return rows, cols
 
 
-def make_batch_fn(token: Token, cfg: TokenLockConfig, num_classes: int):
-    """A ``batch_fn(x, y, generator) -> (x, target)`` for :func:`adaloc.training.fit`."""
+def make_batch_fn(token: Token, cfg: TokenLockConfig, num_classes: int, record: dict | None = None):
+    """A ``batch_fn(x, y, generator) -> (x, target)`` for :func:`adaloc.training.fit`.
+
+    ``record["auth"]`` (when given) receives the batch's authorized-sample mask.
+    """
 
     def batch_fn(x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
         b, c, h, w = x.shape
@@ -180,6 +202,8 @@ def make_batch_fn(token: Token, cfg: TokenLockConfig, num_classes: int):
         )
         true = F.one_hot(y, num_classes).float()
         target = torch.where(auth.to(dev)[:, None], true, target)
+        if record is not None:
+            record["auth"] = auth.to(dev)
         return out, target
 
     return batch_fn
@@ -311,6 +335,33 @@ def selection_gap(model: nn.Module, val, token: Token, cfg: TokenLockConfig, *, 
     return m["with_token_acc"] - max(v for v in unauth if v is not None), m
 
 
+def _gated_loss(model: nn.Module, weight: float, record: dict):
+    """KL loss + ``weight`` x mean squared head input over the batch's unauthorized samples.
+
+    A forward pre-hook on the classifier head captures its input; ``record["auth"]`` is
+    set by the batch function of the same step. Returns (loss_fn, hook handle).
+    """
+    from adaloc.keys import head_module_name
+
+    head = model.get_submodule(head_module_name(model))
+    seen: dict = {}
+
+    def capture(_module, args):
+        seen["features"] = args[0]
+
+    hook = head.register_forward_pre_hook(capture)
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = kl_loss(logits, target)
+        unauth = ~record["auth"]
+        if unauth.any():
+            feats = seen["features"].float().flatten(1)[unauth]
+            loss = loss + weight * feats.pow(2).mean()
+        return loss
+
+    return loss_fn, hook
+
+
 def fit_token_lock(
     model: nn.Module,
     train,
@@ -344,17 +395,25 @@ def fit_token_lock(
                 state={k: v.detach().clone() for k, v in m.state_dict().items()},
             )
 
-    report = fit(
-        model,
-        train,
-        train_cfg,
-        mask=mask,
-        batch_fn=make_batch_fn(token, cfg, num_classes),
-        loss_fn=kl_loss,
-        on_epoch_end=on_epoch_end,
-        desc=desc,
-        progress=progress,
-    )
+    record: dict = {}
+    loss_fn, hook = kl_loss, None
+    if cfg.gate_weight:
+        loss_fn, hook = _gated_loss(model, cfg.gate_weight, record)
+    try:
+        report = fit(
+            model,
+            train,
+            train_cfg,
+            mask=mask,
+            batch_fn=make_batch_fn(token, cfg, num_classes, record),
+            loss_fn=loss_fn,
+            on_epoch_end=on_epoch_end,
+            desc=desc,
+            progress=progress,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
     model.load_state_dict(best["state"])
     model.eval()
     return {"report": report, "epoch": best["epoch"], "val_gap": best["gap"], "val": best["val"]}

@@ -10,6 +10,11 @@ logs the full authorized model as a run artifact. Then, from the same MLflow ser
   keeps it in memory.
 - full model: resolve alias + download model.safetensors + build network + load_state_dict.
 
+Both are measured over each link in ``--links``: plain loopback, and links of a given rate and
+round-trip time emulated by a pacing TCP proxy in front of the server (both directions paced,
+shared by all connections, like one access link), because loopback moves 45 MB in a fraction
+of a second and no deployment site sits on the server's loopback.
+
     python bench/pull_vs_full.py --out runs/bench/pull_vs_full.json
     python bench/pull_vs_full.py --models cnn --tracking-uri http://127.0.0.1:5000
 """
@@ -23,6 +28,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +53,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=0.05, help="key budget (fraction of params)")
     p.add_argument("--tracking-uri", default=None, help="existing server; default: start one")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
+    p.add_argument(
+        "--links",
+        default="loopback,1000:2,100:20,50:30,20:40",
+        help="links between site and server: loopback (no proxy) or MBIT[:RTT_MS], emulated "
+        "by a pacing TCP proxy on 127.0.0.1 (registry.local_servers.shaped_link)",
+    )
     p.add_argument("--out", default="runs/bench/pull_vs_full.json")
     return p
 
@@ -89,15 +101,68 @@ def _owner_side(name: str, reg, owner, work: Path, budget: float, versions: int)
             "key_params": key.numel(), "full_sha": state_sha256(full)}  # fmt: skip
 
 
-def _full_download(name: str, full_name: str, reg) -> tuple[float, int, str]:
+def parse_links(text: str) -> list[dict]:
+    """``loopback,1000:5,100:20`` -> links (Mbit/s and round-trip ms; loopback = no proxy)."""
+    links = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if item == "loopback":
+            links.append({"name": "loopback", "mbit": None, "rtt_ms": 0.0})
+            continue
+        mbit, _, rtt = item.partition(":")
+        try:
+            link = {"mbit": float(mbit), "rtt_ms": float(rtt or 0)}
+        except ValueError:
+            raise SystemExit(f"error: link {item!r}; expected loopback or MBIT[:RTT_MS]") from None
+        links.append({"name": f"{link['mbit']:g}Mbit/s rtt {link['rtt_ms']:g}ms", **link})
+    if not links:
+        raise SystemExit("error: --links is empty")
+    return links
+
+
+@dataclass
+class Servers:
+    """Where the site and the full download reach the registry.
+
+    ``direct``: an mlflow server whose presigned download URLs point straight at the S3
+    endpoint (loopback). ``shaped``: the REST link in front of a second server on the same
+    store whose S3 endpoint is itself behind ``s3_link``, so every byte a client moves (REST
+    and presigned S3 downloads) crosses an emulated link.
+    """
+
+    direct: str
+    api_link: object | None = None
+    s3_link: object | None = None
+
+
+@contextlib.contextmanager
+def _through(link: dict, servers: Servers):
+    """(url, bytes_received) reaching the registry over ``link``."""
+    if link["mbit"] is None:
+        yield servers.direct, None
+        return
+    if servers.api_link is None:
+        raise SystemExit("error: shaped links need the bench's own servers (no --tracking-uri)")
+    shaped = (servers.api_link, servers.s3_link)
+    for s in shaped:
+        s.shape(link["mbit"], link["rtt_ms"])
+    try:
+        yield servers.api_link.url, lambda: sum(s.stats.to_client for s in shaped)
+    finally:
+        for s in shaped:
+            s.shape(None, 0.0)  # the owner publishes at full speed (untimed)
+
+
+def _full_download(name: str, full_name: str, tracking_uri: str) -> tuple[float, int, str]:
     """Resolve the full model's alias, download it from the server, load it into a network."""
     import mlflow.artifacts
+    from mlflow import MlflowClient
 
+    client = MlflowClient(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        mv = reg.client.get_model_version_by_alias(full_name, "production")
+        mv = client.get_model_version_by_alias(full_name, "production")
         path = mlflow.artifacts.download_artifacts(
-            f"{mv.source}/model.safetensors", dst_path=tmp, tracking_uri=reg.tracking_uri
+            f"{mv.source}/model.safetensors", dst_path=tmp, tracking_uri=tracking_uri
         )
         model = build_model(name, **MODELS[name])
         model.load_state_dict(load_file(path))
@@ -105,74 +170,94 @@ def _full_download(name: str, full_name: str, reg) -> tuple[float, int, str]:
         return seconds, os.path.getsize(path), state_sha256(model)
 
 
-def bench_model(name: str, tracking_uri: str, work: Path, args) -> dict:
-    """Measure key pulls (cold and warm) and full downloads for one model."""
+def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
+    """Key pulls (cold and warm) vs full downloads for one model, over each link."""
     from registry.site import Site
     from registry.sites import OwnerKeyring
     from registry.store import KeyRegistry
 
     # A fresh name per run: a given (shared) server may hold earlier bench runs.
-    reg = KeyRegistry(tracking_uri, f"bench-{name}-{int(time.time())}")
+    server_uri = servers.direct
+    reg = KeyRegistry(server_uri, f"bench-{name}-{int(time.time())}")
     owner = OwnerKeyring.init(work / "owner")
     site_dir = work / "site"
     site = Site.init(
         site_dir,
         site_id="bench",
-        tracking_uri=tracking_uri,
+        tracking_uri=server_uri,
         model_name=reg.model_name,
         owner_public_pem=owner.owner_public_pem,
     )
     owner.add_site("bench", site.public_key_pem)
-    n = args.repeats
-    info = _owner_side(name, reg, owner, work, args.budget, 1 + 2 * n)
+    n, links = args.repeats, parse_links(args.links)
+    info = _owner_side(name, reg, owner, work, args.budget, 1 + (2 * n + 1) * len(links))
     first = site.pull(1)  # downloads and caches the base: once per site, not per update
-    cold, warm, key_bytes = [], [], []
-    for v in range(2, 2 + n):
-        reg.promote(v)  # owner action, not timed; the site pulls "production" like in the field
-        r = Site(site_dir).pull("production")  # fresh object: base comes from the disk cache
-        assert r.model_sha256 == info["shas"][v], "site model differs from the owner's"
-        cold.append(r.seconds["total"])
-        key_bytes.append(r.bytes_key + r.bytes_base)
-    for v in range(2 + n, 2 + 2 * n):
-        reg.promote(v)
-        r = site.pull("production")  # long-lived site: base already in memory
-        assert r.model_sha256 == info["shas"][v]
-        warm.append(r.seconds["total"])
-    full = [_full_download(name, info["full_name"], reg) for _ in range(n)]
-    assert all(sha == info["full_sha"] for _, _, sha in full)
-    full_s, full_bytes = statistics.median(s for s, _, _ in full), full[0][1]
-    key_s, key_b = statistics.median(cold), max(key_bytes)
-    return {
-        "model": name,
-        "params": info["params"],
-        "key_params": info["key_params"],
-        "base_bytes_first_pull": first.bytes_base,
-        "update_bytes": key_b,
-        "full_bytes": full_bytes,
-        "update_bytes_pct_of_full": 100 * key_b / full_bytes,
-        "pull_cold_s": key_s,
-        "pull_warm_s": statistics.median(warm),
-        "full_download_load_s": full_s,
-        "speedup_cold": full_s / key_s,
-        "speedup_warm": full_s / statistics.median(warm),
-        "pull_phases_s": r.seconds,
-        # Loopback moves 45 MB in a fraction of a second; on a real link transfer dominates.
-        # Projected (not measured): measured local time + bytes at the given link speed.
-        "projected_speedup_cold": {
-            f"{mbps}Mbit/s": (full_s + full_bytes * 8 / (mbps * 1e6))
-            / (key_s + key_b * 8 / (mbps * 1e6))
-            for mbps in (100, 1000)
-        },
-        "runs": {"cold": cold, "warm": warm, "full": [s for s, _, _ in full]},
-    }
+    rows, version = [], 2
+    for link in links:
+        with _through(link, servers) as (url, received):
+            site.set_tracking_uri(url)
+            # Untimed warm-up: the server's first presigned URL, connection set-up, imports.
+            reg.promote(version)
+            site.pull("production")
+            version += 1
+            cold, warm, wire_key, phases = [], [], [], {}
+            for mode in ("cold", "warm"):
+                for _ in range(n):
+                    reg.promote(version)  # owner action, untimed; sites pull "production"
+                    before = received() if received else 0
+                    # cold: a fresh Site per pull (like a CLI call: base read from the disk
+                    # cache); warm: a long-lived site whose base is already in memory.
+                    r = (Site(site_dir) if mode == "cold" else site).pull("production")
+                    assert r.model_sha256 == info["shas"][version], "site model differs"
+                    (cold if mode == "cold" else warm).append(r.seconds["total"])
+                    wire_key.append(received() - before if received else None)
+                    if mode == "cold":
+                        phases = r.seconds
+                    key_bytes = r.bytes_key + r.bytes_base
+                    version += 1
+            full, wire_full = [], []
+            for _ in range(n):
+                before = received() if received else 0
+                full.append(_full_download(name, info["full_name"], url))
+                wire_full.append(received() - before if received else None)
+        assert all(sha == info["full_sha"] for _, _, sha in full)
+        full_s, full_bytes = statistics.median(s for s, _, _ in full), full[0][1]
+        cold_s, warm_s = statistics.median(cold), statistics.median(warm)
+        rows.append(
+            {
+                "model": name,
+                "link": link,
+                "params": info["params"],
+                "key_params": info["key_params"],
+                "base_bytes_first_pull": first.bytes_base,
+                "update_bytes": key_bytes,
+                "full_bytes": full_bytes,
+                "update_bytes_pct_of_full": 100 * key_bytes / full_bytes,
+                # Everything that crossed the link (HTTP + REST calls), when shaped.
+                "update_wire_bytes": None if wire_key[0] is None else max(wire_key),
+                "full_wire_bytes": None if wire_full[0] is None else max(wire_full),
+                "pull_cold_s": cold_s,
+                "pull_warm_s": warm_s,
+                "full_download_load_s": full_s,
+                "speedup_cold": full_s / cold_s,
+                "speedup_warm": full_s / warm_s,
+                "pull_phases_s": phases,
+                "runs": {"cold": cold, "warm": warm, "full": [s for s, _, _ in full]},
+            }
+        )
+        print(
+            f"{name} over {link['name']}: cold {cold_s:.3f} s, warm {warm_s:.3f} s, "
+            f"full {full_s:.3f} s -> {full_s / cold_s:.1f}x / {full_s / warm_s:.1f}x"
+        )
+    return rows
 
 
 def _print_table(rows: list[dict]) -> None:
-    head = ["model", "params", "update B", "full B", "update %", "pull cold s", "pull warm s",
+    head = ["model", "link", "update B", "full B", "update %", "pull cold s", "pull warm s",
             "full s", "x cold", "x warm"]  # fmt: skip
     print(" | ".join(f"{h:>11}" for h in head))
     for r in rows:
-        cells = [r["model"], r["params"], r["update_bytes"], r["full_bytes"],
+        cells = [r["model"], r["link"]["name"], r["update_bytes"], r["full_bytes"],
                  f"{r['update_bytes_pct_of_full']:.2f}", f"{r['pull_cold_s']:.3f}",
                  f"{r['pull_warm_s']:.3f}", f"{r['full_download_load_s']:.3f}",
                  f"{r['speedup_cold']:.1f}", f"{r['speedup_warm']:.1f}"]  # fmt: skip
@@ -181,26 +266,35 @@ def _print_table(rows: list[dict]) -> None:
 
 def main(args) -> dict:
     """Run the benchmark (starting a loopback mlflow server + S3 unless given one)."""
-    from registry.local_servers import mlflow_server, moto_s3
+    from registry.local_servers import mlflow_server, moto_s3, shaped_link
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    links = parse_links(args.links)
     with contextlib.ExitStack() as stack:
         work = Path(args.workdir or stack.enter_context(tempfile.TemporaryDirectory()))
-        uri, setup = args.tracking_uri, "given server"
-        if uri is None:
+        if args.tracking_uri:
+            servers, setup = Servers(args.tracking_uri), "given server"
+        else:
             s3 = stack.enter_context(moto_s3("bench"))
-            uri = stack.enter_context(mlflow_server(work / "server", s3=s3)).tracking_uri
+            direct = stack.enter_context(mlflow_server(work / "server", s3=s3))
+            servers = Servers(direct.tracking_uri)
             setup = "mlflow server --workers 1 (sqlite) + moto S3 on 127.0.0.1"
-        rows = [bench_model(m, uri, work / m, args) for m in args.models.split(",")]
+            if any(link["mbit"] is not None for link in links):
+                servers.s3_link = stack.enter_context(shaped_link(s3.url))
+                second = mlflow_server(work / "server", s3=s3, s3_url=servers.s3_link.url)
+                servers.api_link = stack.enter_context(
+                    shaped_link(stack.enter_context(second).tracking_uri)
+                )
+                setup += "; shaped rows: a second server on the same store, REST and S3 each "
+                setup += "behind a pacing proxy (registry.local_servers.shaped_link)"
+        rows = [r for m in args.models.split(",") for r in bench_model(m, servers, work / m, args)]
     result = {"setup": setup, "repeats": args.repeats, "budget": args.budget, "rows": rows,
-              "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()}  # fmt: skip
+              "links": args.links, "cpu_count": os.cpu_count(),
+              "load_avg": os.getloadavg()}  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     _print_table(rows)
-    for r in rows:
-        proj = ", ".join(f"{k}: {v:.1f}x" for k, v in r["projected_speedup_cold"].items())
-        print(f"{r['model']}: projected cold speedup over a real link ({proj})")
     print(f"wrote {out}")
     return result
 

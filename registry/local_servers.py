@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,11 +103,18 @@ class MlflowServer:
 
 @contextmanager
 def mlflow_server(
-    root: str | Path, *, s3: S3Endpoint | None = None, timeout_s: float = 240.0
+    root: str | Path,
+    *,
+    s3: S3Endpoint | None = None,
+    s3_url: str | None = None,
+    timeout_s: float = 240.0,
 ) -> Iterator[MlflowServer]:
     """`mlflow server --workers 1` (sqlite under ``root``; artifacts on ``s3`` or in ``root``).
 
-    Runs in its own session so the whole process group is stopped at exit.
+    ``s3_url`` overrides the S3 endpoint the server (and the presigned download URLs it hands
+    to clients) uses, e.g. a :func:`shaped_link` in front of ``s3``. Several servers may
+    share one ``root`` (the same store). Runs in its own session so the whole process group
+    is stopped at exit.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -122,8 +129,8 @@ def mlflow_server(
     # No background job runner: the registry needs none, and it is one process fewer.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     if s3:
-        env.update({**DUMMY_AWS_ENV, "MLFLOW_S3_ENDPOINT_URL": s3.url})
-    log = root / "server.log"
+        env.update({**DUMMY_AWS_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_url or s3.url})
+    log = root / f"server-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -152,3 +159,126 @@ def stop_process_group(proc: subprocess.Popen, *, grace_s: float = 15.0) -> None
         proc.wait(timeout=grace_s)
     except ProcessLookupError:
         pass
+
+
+# --------------------------------------------------------------------------- shaped link
+@dataclass
+class LinkStats:
+    """Bytes carried by a :func:`shaped_link`, per direction."""
+
+    to_server: int = 0
+    to_client: int = 0
+
+
+class ShapedLink:
+    """A running link emulator: ``url`` reaches the target through it (see shaped_link)."""
+
+    def __init__(self, url: str, mbit: float | None, rtt_ms: float):
+        self.url, self.stats = url, LinkStats()
+        self.shape(mbit, rtt_ms)
+
+    def shape(self, mbit: float | None, rtt_ms: float = 0.0) -> None:
+        """Change the rate (Mbit/s per direction, None = unlimited) and round-trip time."""
+        if mbit is not None and not mbit > 0:
+            raise ValueError(f"mbit={mbit!r}; expected a positive rate or None")
+        if rtt_ms < 0:
+            raise ValueError(f"rtt_ms={rtt_ms!r}; expected >= 0")
+        self.mbit, self.rtt_ms = mbit, float(rtt_ms)
+        self.bytes_per_s = None if mbit is None else mbit * 1e6 / 8
+        self.free_at = {"to_server": 0.0, "to_client": 0.0}  # loop time the wire is free
+
+    def departure(self, direction: str, now: float, n: int) -> float:
+        """When ``n`` bytes handed over at ``now`` have left (one wire per direction)."""
+        if self.bytes_per_s is None:
+            return now
+        self.free_at[direction] = max(now, self.free_at[direction]) + n / self.bytes_per_s
+        return self.free_at[direction]
+
+
+@contextmanager
+def shaped_link(
+    target: str, *, mbit: float | None = None, rtt_ms: float = 0.0, chunk: int = 16384
+) -> Iterator[ShapedLink]:
+    """A TCP proxy on 127.0.0.1 that behaves like a link of ``mbit`` Mbit/s and ``rtt_ms``.
+
+    ``target`` is ``http://host:port``. Each direction is paced at ``mbit`` (shared by all
+    connections, like one access link; None = unlimited) and every chunk arrives
+    ``rtt_ms / 2`` after it left, in order. ``link.shape()`` changes both while it runs.
+    It stands in for ``tc netem`` without root, so benchmarks can compare transfers over a
+    realistic link instead of loopback.
+    """
+    import asyncio
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(target)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    listen_port = free_port()
+    link = ShapedLink(f"http://127.0.0.1:{listen_port}", mbit, rtt_ms)
+    loop = asyncio.new_event_loop()
+
+    async def pipe(reader, writer, direction: str) -> None:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def deliver() -> None:
+            while (item := await queue.get()) is not None:
+                at, data = item
+                wait = at - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+
+        sender = asyncio.ensure_future(deliver())
+        try:
+            while data := await reader.read(chunk):
+                setattr(link.stats, direction, getattr(link.stats, direction) + len(data))
+                left = link.departure(direction, loop.time(), len(data))
+                await queue.put((left + link.rtt_ms / 2000.0, data))
+                # Back-pressure: don't read far ahead of what the wire has sent.
+                ahead = left - loop.time()
+                if ahead > 0.05:
+                    await asyncio.sleep(ahead - 0.05)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            await queue.put(None)
+            with suppress(ConnectionError, OSError):
+                await sender
+
+    async def handle(client_r, client_w) -> None:
+        try:
+            server_r, server_w = await asyncio.open_connection(host, port)
+        except OSError:
+            client_w.close()
+            return
+        try:
+            await asyncio.gather(
+                pipe(client_r, server_w, "to_server"), pipe(server_r, client_w, "to_client")
+            )
+        except asyncio.CancelledError:
+            pass  # the link is shutting down with a keep-alive connection still open
+        finally:
+            for w in (server_w, client_w):
+                w.close()
+
+    server = loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", listen_port))
+    thread = threading.Thread(target=loop.run_forever, name="shaped-link", daemon=True)
+    thread.start()
+    try:
+        yield link
+    finally:
+
+        async def shutdown() -> None:
+            server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -112,6 +113,16 @@ class Site:
         """The installed state (version, hashes, time), or None before the first pull."""
         return read_json(self.directory / STATE_FILE)
 
+    def set_tracking_uri(self, tracking_uri: str, registry_uri: str | None = None) -> None:
+        """Point the site at another address of its registry (server moved, proxy, mirror).
+
+        The owner's public key and the installed state stay: what is pulled from the new
+        address is verified exactly as before.
+        """
+        cfg = {**self.config, "tracking_uri": tracking_uri, "registry_uri": registry_uri}
+        atomic_write_json(self.directory / SITE_FILE, cfg)
+        self._registry = None
+
     def registry(self):
         """The KeyRegistry this site pulls from (built once)."""
         if self._registry is None:
@@ -197,7 +208,7 @@ class Site:
         seconds["verify_decrypt"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        model_bytes, model_sha = self._apply(base_dir, header, parts["key"])
+        model_bytes, model_sha, file_sha = self._apply(base_dir, header, parts["key"])
         seconds["apply"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -208,7 +219,7 @@ class Site:
             "mlflow_version": kv.mlflow_version,
             "base_sha256": header.base_sha256,
             "model_sha256": model_sha,
-            "model_file_sha256": sha256_bytes(model_bytes),
+            "model_file_sha256": file_sha,
             "artifact_sha256": kv.artifact_sha256,
             "token": "token" in parts,
             "ref": str(ref),
@@ -278,8 +289,13 @@ class Site:
         shutil.rmtree(staging, ignore_errors=True)
         return target, (target / BASE_FILE).stat().st_size
 
-    def _apply(self, base_dir: Path, header, key_bytes: bytes) -> tuple[bytes, str]:
-        """Decode the key, unlock the base, check the result; return (file bytes, state sha)."""
+    def _apply(self, base_dir: Path, header, key_bytes: bytes) -> tuple[bytes, str, str]:
+        """Decode the key, unlock the base, check the result.
+
+        Returns (file bytes, state sha256, file sha256). When the owner signed the authorized
+        model's sha256 (every version the registry publishes), that one check covers the
+        cached base too, so the base is not re-hashed on each pull.
+        """
         from safetensors.torch import save as st_save
 
         from adaloc.artifact import decode_key
@@ -294,43 +310,48 @@ class Site:
                 f"key artifact says version {key.version} / base {key.base_sha256[:12]}, the "
                 f"signed header says {header.key_version} / {header.base_sha256[:12]}"
             )
-        state = self._base_state(base_dir, header.base_sha256)
+        signed = bool(header.model_sha256)
+        state = self._base_state(base_dir, header.base_sha256, verify=not signed)
         try:
-            # The base's fingerprint was verified once when it was loaded (see _base_state);
-            # re-hashing the whole base on every update would double the apply time.
             state = apply_key(state, key, check_base=False)
         except KeyMismatchError as err:
             raise BaseMismatchError(str(err)) from err
-        model_sha = state_sha256(state)
-        if header.model_sha256 and model_sha != header.model_sha256:
-            raise IntegrityError(
-                f"authorized model of key version {header.key_version} has sha256 "
-                f"{model_sha[:12]}, the owner's is {header.model_sha256[:12]}"
-            )
         meta = {
             "format": "adaloc-model",
             "key_version": str(header.key_version),
             "base_sha256": header.base_sha256,
-            "state_sha256": model_sha,
         }
-        return st_save(state, metadata=meta), model_sha
+        with ThreadPoolExecutor(1) as pool:  # hashlib releases the GIL: hash while serialising
+            model_sha_job = pool.submit(state_sha256, state)
+            data = st_save(state, metadata=meta)
+            file_sha = sha256_bytes(data)
+            model_sha = model_sha_job.result()
+        if signed and model_sha != header.model_sha256:
+            self._bases.pop(header.base_sha256, None)
+            self._base_state(base_dir, header.base_sha256, verify=True)  # names a bad cache
+            raise IntegrityError(
+                f"authorized model of key version {header.key_version} has sha256 "
+                f"{model_sha[:12]}, the owner's is {header.model_sha256[:12]}"
+            )
+        return data, model_sha, file_sha
 
-    def _base_state(self, base_dir: Path, base_sha256: str) -> dict:
-        """The cached base's state dict, fingerprint-checked once per Site object."""
-        if base_sha256 not in self._bases:
+    def _base_state(self, base_dir: Path, base_sha256: str, *, verify: bool = True) -> dict:
+        """The cached base's state dict, kept per Site object (fingerprint-checked if asked)."""
+        cached = self._bases.get(base_sha256)
+        if cached is None or (verify and not cached["verified"]):
             from adaloc.artifact import decode_base
 
             path = base_dir / BASE_FILE
             try:
-                state, embedded = decode_base(path.read_bytes())  # checks its fingerprint
+                state, embedded = decode_base(path.read_bytes(), verify=verify)
             except (KeyFormatError, OSError) as err:
                 raise IntegrityError(f"cached base is unusable ({err}); delete {base_dir}") from err
             if embedded != base_sha256:
                 raise BaseMismatchError(
                     f"cached base is {str(embedded)[:12]}, the key needs {base_sha256[:12]}"
                 )
-            self._bases[base_sha256] = state
-        return self._bases[base_sha256]
+            cached = self._bases[base_sha256] = {"state": state, "verified": verify}
+        return cached["state"]
 
     def _install(self, model_bytes: bytes, base_dir: Path, token: bytes | None) -> None:
         model_dir = self.model_path.parent
