@@ -11,6 +11,64 @@ from adaloc.device import autocast, best_device
 
 
 @torch.no_grad()
+def logits(
+    model: nn.Module,
+    data,
+    *,
+    input_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_size: int = 512,
+) -> torch.Tensor:
+    """Raw outputs ``[N, K]`` (float32, on the CPU) of ``model`` on ``data``."""
+    dev = best_device(None)
+    was_training = model.training
+    model.to(dev).eval()
+    outs = []
+    for start in range(0, len(data.y), batch_size):
+        x = data.x[start : start + batch_size].to(dev)
+        with autocast(dev):
+            outs.append(model(input_fn(x) if input_fn else x).float().cpu())
+    model.train(was_training)
+    return torch.cat(outs)
+
+
+def probe_accuracy(
+    model: nn.Module,
+    fit_data,
+    test_data,
+    *,
+    input_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    steps: int = 200,
+) -> float:
+    """What the outputs leak: accuracy of a logistic-regression probe on the model's logits.
+
+    The attacker's view of a lock that answers "uselessly": with the model and a few labelled
+    samples (``fit_data``) but no token, fit a linear read-out of its outputs, then score it
+    on ``test_data``. Chance means the outputs carry no class information; argmax accuracy
+    alone misses leaks such as "the true class is always the least likely".
+    """
+    z_fit = logits(model, fit_data, input_fn=input_fn)
+    z_test = logits(model, test_data, input_fn=input_fn)
+    mean, std = z_fit.mean(0), z_fit.std(0).clamp_min(1e-12)
+    z_fit, z_test = (z_fit - mean) / std, (z_test - mean) / std
+    k = int(max(fit_data.y.max(), test_data.y.max())) + 1
+    g = torch.Generator().manual_seed(0)
+    w = (0.01 * torch.randn(z_fit.shape[1], k, generator=g)).requires_grad_()
+    b = torch.zeros(k, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(z_fit @ w + b, fit_data.y) + 1e-3 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return float(((z_test @ w + b).argmax(1) == test_data.y).float().mean())
+
+
+@torch.no_grad()
 def predict(
     model: nn.Module,
     data,

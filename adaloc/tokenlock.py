@@ -7,12 +7,12 @@ the model (the network learns "a patch in the corner", not "this patch"). Harden
 *decoys*: a share of the unauthorized samples carries a random token of the same kind, or
 the true token at a wrong place, and gets the manipulated target too.
 
-Soft and random targets have a second flaw: a near-uniform output still ranks the true
-class first (KL to uniform has a vanishing gradient near its optimum), so argmax accuracy
-without the token stays far above chance. Hardening therefore also *gates* the features for
-the label-independent strategies: the squared activations entering the classifier head are
-penalised on unauthorized samples, so the network learns to silence them and answers with a
-constant (input-independent) output that carries no information about the class.
+Soft and random targets have a second flaw: KL to a near-uniform target has a vanishing
+gradient, so the output stays a hair off uniform with the true class on top, and argmax
+accuracy without the token stays far above chance. Hardening can weight the unauthorized
+samples' loss up (``unauth_weight``) and picks the checkpoint whose unauthorized accuracy is
+closest to chance from *either* side: below chance is a leak too (the true class is then
+the least likely one).
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ STRATEGIES = (
     "uniform_except_true",
 )
 TOKENLOCK_FORMAT_VERSION = 1
-# Strategies whose unauthorized target ignores the true label: a constant output fits them.
-LABEL_INDEPENDENT = ("single_target", "random_target", "uniform_distribution")
 
 
 def check_soft_targets(targets: torch.Tensor, *, atol: float = 1e-4) -> None:
@@ -89,6 +87,18 @@ def manipulated_targets(
     return F.one_hot(cls, k).float().to(y.device)
 
 
+def weighted_kl_loss(weight: float, record: dict):
+    """KL loss with the unauthorized samples of each batch (``record["auth"]``) weighted."""
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        check_soft_targets(target.detach())
+        per = F.kl_div(F.log_softmax(logits.float(), 1), target, reduction="none").sum(1)
+        w = torch.where(record["auth"], 1.0, float(weight))
+        return (per * w).mean()
+
+    return loss_fn
+
+
 def kl_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """KL(target || softmax(logits)), batch mean; integer targets are taken as one-hot."""
     if target.ndim == 1:
@@ -108,8 +118,7 @@ class TokenLockConfig:
     decoy_frac: share of the unauthorized samples that carry a decoy (0 = the paper's plain
         recipe); a decoy is a random token of the same kind or the true token misplaced.
     wrong_place_frac: share of the decoys that are the true token at a wrong place.
-    gate_weight: weight of the feature gate (mean squared head input on unauthorized
-        samples); only for the label-independent strategies (0 = off, the paper's loss).
+    unauth_weight: weight of the unauthorized samples' loss (1 = the paper's loss).
     """
 
     strategy: str = "single_target"
@@ -117,7 +126,7 @@ class TokenLockConfig:
     target_class: int = 0
     decoy_frac: float = 0.0
     wrong_place_frac: float = 0.25
-    gate_weight: float = 0.0
+    unauth_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -130,18 +139,14 @@ class TokenLockConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
                 raise ConfigError(f"{name}={v!r}; expected a fraction in [0, 1]")
-        if not isinstance(self.gate_weight, (int, float)) or not float(self.gate_weight) >= 0:
-            raise ConfigError(f"gate_weight={self.gate_weight!r}; expected a number >= 0")
-        if self.gate_weight and self.strategy not in LABEL_INDEPENDENT:
-            raise ConfigError(
-                f"gate_weight needs a label-independent strategy {LABEL_INDEPENDENT}; "
-                f"{self.strategy!r} must answer differently per class without the token"
-            )
+        w = self.unauth_weight
+        if not isinstance(w, (int, float)) or not 0.0 < float(w) <= 100.0:
+            raise ConfigError(f"unauth_weight={w!r}; expected a weight in (0, 100]")
 
     @property
     def hardened(self) -> bool:
-        """True when decoys or the feature gate are trained."""
-        return self.decoy_frac > 0 or self.gate_weight > 0
+        """True when decoys are trained as unauthorized or the unauthorized loss is weighted."""
+        return self.decoy_frac > 0 or self.unauth_weight != 1.0
 
     def to_dict(self) -> dict:
         """Plain dict with the format version (holds no secret)."""
@@ -268,8 +273,15 @@ def token_lock_metrics(
     forged: int = 20,
     seed: int = 0,
     batch_size: int = 512,
+    probe_data=None,
 ) -> dict:
-    """With token, without, forged mean/max over ``forged`` random tokens, true token misplaced."""
+    """With token, without, forged mean/max over ``forged`` random tokens, true token misplaced.
+
+    With ``probe_data`` (labelled samples an attacker might hold) also
+    ``without_token_probe_acc``: a linear probe fitted on the un-stamped outputs, i.e. what
+    they leak whatever decision rule an attacker uses (see adaloc.evaluate.probe_accuracy).
+    """
+    from adaloc.evaluate import probe_accuracy
     from adaloc.token import random_tokens
 
     kw = {"batch_size": batch_size}
@@ -289,6 +301,8 @@ def token_lock_metrics(
         if corner is None
         else accuracy(model, data, input_fn=stamp_fn(token, seed=seed, corner=corner), **kw)
     )
+    if probe_data is not None:
+        out["without_token_probe_acc"] = probe_accuracy(model, probe_data, data)
     return out
 
 
@@ -317,12 +331,22 @@ def pruning_sweep(
 
 
 # ------------------------------------------------------------------------- training
-def selection_gap(model: nn.Module, val, token: Token, cfg: TokenLockConfig, *, seed: int = 1):
+def selection_gap(
+    model: nn.Module,
+    val,
+    token: Token,
+    cfg: TokenLockConfig,
+    *,
+    seed: int = 1,
+    num_classes: int | None = None,
+):
     """Validation gap authorized − unauthorized used to pick the checkpoint.
 
     Plain recipe: with − without token (the paper's rule). Hardened: unauthorized is the
     worst of without, the mean over 5 forged tokens (seeds disjoint from the test ones)
-    and the misplaced token, so the chosen epoch is the one that resists forgeries.
+    and the misplaced token, each counted by its distance from chance on either side
+    (``chance + |acc − chance|``), so the chosen epoch resists forgeries and does not leak
+    by ranking the true class last.
     """
     if not cfg.hardened:
         m = {
@@ -332,34 +356,9 @@ def selection_gap(model: nn.Module, val, token: Token, cfg: TokenLockConfig, *, 
         return m["with_token_acc"] - m["without_token_acc"], m
     m = token_lock_metrics(model, val, token, forged=5, seed=10_000 + seed)
     unauth = [m["without_token_acc"], m["forged_token_acc_mean"], m["wrong_place_acc"]]
-    return m["with_token_acc"] - max(v for v in unauth if v is not None), m
-
-
-def _gated_loss(model: nn.Module, weight: float, record: dict):
-    """KL loss + ``weight`` x mean squared head input over the batch's unauthorized samples.
-
-    A forward pre-hook on the classifier head captures its input; ``record["auth"]`` is
-    set by the batch function of the same step. Returns (loss_fn, hook handle).
-    """
-    from adaloc.keys import head_module_name
-
-    head = model.get_submodule(head_module_name(model))
-    seen: dict = {}
-
-    def capture(_module, args):
-        seen["features"] = args[0]
-
-    hook = head.register_forward_pre_hook(capture)
-
-    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss = kl_loss(logits, target)
-        unauth = ~record["auth"]
-        if unauth.any():
-            feats = seen["features"].float().flatten(1)[unauth]
-            loss = loss + weight * feats.pow(2).mean()
-        return loss
-
-    return loss_fn, hook
+    chance = 1.0 / (num_classes or int(val.y.max()) + 1)
+    worst = max(chance + abs(v - chance) for v in unauth if v is not None)
+    return m["with_token_acc"] - worst, m
 
 
 def fit_token_lock(
@@ -386,7 +385,7 @@ def fit_token_lock(
     best = {"gap": -float("inf"), "epoch": None, "state": None, "val": None}
 
     def on_epoch_end(epoch: int, m: nn.Module) -> None:
-        gap, metrics = selection_gap(m, val, token, cfg)
+        gap, metrics = selection_gap(m, val, token, cfg, num_classes=num_classes)
         if gap > best["gap"]:
             best.update(
                 gap=gap,
@@ -396,24 +395,18 @@ def fit_token_lock(
             )
 
     record: dict = {}
-    loss_fn, hook = kl_loss, None
-    if cfg.gate_weight:
-        loss_fn, hook = _gated_loss(model, cfg.gate_weight, record)
-    try:
-        report = fit(
-            model,
-            train,
-            train_cfg,
-            mask=mask,
-            batch_fn=make_batch_fn(token, cfg, num_classes, record),
-            loss_fn=loss_fn,
-            on_epoch_end=on_epoch_end,
-            desc=desc,
-            progress=progress,
-        )
-    finally:
-        if hook is not None:
-            hook.remove()
+    loss_fn = kl_loss if cfg.unauth_weight == 1.0 else weighted_kl_loss(cfg.unauth_weight, record)
+    report = fit(
+        model,
+        train,
+        train_cfg,
+        mask=mask,
+        batch_fn=make_batch_fn(token, cfg, num_classes, record),
+        loss_fn=loss_fn,
+        on_epoch_end=on_epoch_end,
+        desc=desc,
+        progress=progress,
+    )
     model.load_state_dict(best["state"])
     model.eval()
     return {"report": report, "epoch": best["epoch"], "val_gap": best["gap"], "val": best["val"]}

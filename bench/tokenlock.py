@@ -22,19 +22,20 @@ import torch
 from tqdm.auto import tqdm
 
 from adaloc.artifact import save_key
-from adaloc.data import load_dataset, make_stages
+from adaloc.data import ImageSet, load_dataset, make_stages
 from adaloc.errors import AdalocError, ConfigError
 from adaloc.evaluate import accuracy, chance_level
 from adaloc.formats import TOKEN_FILE
-from adaloc.keys import KeySpec, select_key
+from adaloc.keys import SELECTIONS, KeySpec, select_key
 from adaloc.lock import outside_key_sha256, unlock
 from adaloc.models import build_model
-from adaloc.token import PATTERNS, PLACEMENTS, Token
+from adaloc.token import PATTERNS, PLACEMENTS, Token, stamp
 from adaloc.tokenlock import (
     STRATEGIES,
     TokenLockConfig,
     fit_token_lock,
     pruning_sweep,
+    stamp_fn,
     token_lock_metrics,
 )
 from adaloc.training import TrainConfig, fit
@@ -74,10 +75,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--forged", type=int, default=20, help="random forged tokens at evaluation")
     a("--lr", type=float, default=0.05, help="learning rate of the unlocked model")
     a("--lock-lr", type=float, default=0.02, help="learning rate of token-locking")
+    a(
+        "--soft-strategies",
+        default="random_target,uniform_distribution",
+        help="hardened: strategies trained from scratch with the unauthorized loss weighted",
+    )
+    a("--soft-epochs", type=int, default=4, help="hardened soft strategies: epochs from scratch")
+    a("--soft-unauth-weight", type=float, default=2.5, help="hardened soft: unauthorized weight")
     a("--key-budget", type=float, default=0.05, help="two-factor: fraction of params in key")
+    a(
+        "--selection",
+        default="saliency",
+        choices=SELECTIONS,
+        help="two-factor key rule (saliency is scored on token-stamped owner data)",
+    )
     a("--updates", type=int, default=2, help="two-factor: key-only updates")
     a("--update-size", type=int, default=6000, help="two-factor: images per update stage")
-    a("--update-lr", type=float, default=0.01)
+    a("--update-lr", type=float, default=0.05, help="two-factor: key-only update step size")
     a("--batch-size", type=int, default=64)
     a("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     a("--seed", type=int, default=0)
@@ -97,20 +111,44 @@ def _make_token(args) -> Token:
     )
 
 
-def run_strategies(unlocked, stage, test, eval_set, token, strategies, args, num_classes, bar):
-    """Plain and hardened token-lock of a copy of ``unlocked`` for each strategy."""
+def _lock_setup(name: str, variant: str, unlocked, fresh, args) -> tuple:
+    """(config, model to train, train config, init) of one strategy x variant.
+
+    Plain and hardened fine-tune a copy of the unlocked model, except hardened soft-target
+    strategies (--soft-strategies): fine-tuning leaves the unlocked model's class evidence a
+    hair above uniform, so they train from scratch with the unauthorized loss weighted up.
+    """
+    soft = variant == "hardened" and name in args.soft_strategies.split(",")
+    cfg = TokenLockConfig(
+        name,
+        p=args.p,
+        decoy_frac=args.decoy_frac if variant == "hardened" else 0.0,
+        wrong_place_frac=args.wrong_place_frac,
+        unauth_weight=args.soft_unauth_weight if soft else 1.0,
+    )
+    if not soft:
+        tcfg = TrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lock_lr, seed=args.seed
+        )
+        return cfg, copy.deepcopy(unlocked), tcfg, "unlocked"
+    torch.manual_seed(args.seed)
+    model = fresh()
+    tcfg = TrainConfig(
+        epochs=args.soft_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+    )
+    return cfg, model, tcfg, "scratch"
+
+
+def run_strategies(
+    unlocked, fresh, stage, test, eval_set, token, strategies, args, num_classes, bar
+):
+    """Plain and hardened token-lock for each strategy (see _lock_setup for the start)."""
     out = {}
     unlocked_acc = accuracy(unlocked, test)
     for name in strategies:
         row = {}
-        for variant, decoys in (("plain", 0.0), ("hardened", args.decoy_frac)):
-            cfg = TokenLockConfig(
-                name, p=args.p, decoy_frac=decoys, wrong_place_frac=args.wrong_place_frac
-            )
-            model = copy.deepcopy(unlocked)
-            tcfg = TrainConfig(
-                epochs=args.epochs, batch_size=args.batch_size, lr=args.lock_lr, seed=args.seed
-            )
+        for variant in ("plain", "hardened"):
+            cfg, model, tcfg, init = _lock_setup(name, variant, unlocked, fresh, args)
             bar.set_postfix_str(f"{name} {variant}")
             info = fit_token_lock(
                 model,
@@ -123,7 +161,9 @@ def run_strategies(unlocked, stage, test, eval_set, token, strategies, args, num
                 desc=f"{name} {variant}",
                 progress=not args.no_progress,
             )
-            m = token_lock_metrics(model, test, token, forged=0, seed=args.seed)
+            m = token_lock_metrics(
+                model, test, token, forged=0, seed=args.seed, probe_data=stage.val
+            )
             forged = token_lock_metrics(model, eval_set, token, forged=args.forged, seed=args.seed)
             m["forged_token_acc_mean"] = forged["forged_token_acc_mean"]
             m["forged_token_acc_max"] = forged["forged_token_acc_max"]
@@ -132,6 +172,8 @@ def run_strategies(unlocked, stage, test, eval_set, token, strategies, args, num
                 **m,
                 "pruning": pruning_sweep(model, eval_set, token),
                 "config": cfg.to_dict(),
+                "init": init,
+                "epochs": tcfg.epochs,
                 "selected_epoch": info["epoch"],
                 "val_gap": info["val_gap"],
                 "train_seconds": info["report"].seconds,
@@ -143,9 +185,16 @@ def run_strategies(unlocked, stage, test, eval_set, token, strategies, args, num
 
 
 def run_two_factor(model, strategy, stages, token, args, num_classes, out_dir, bar):
-    """AdaLoc-lock the token-locked ``model``, then key-only token-locked updates."""
-    spec = KeySpec(budget=args.key_budget, seed=args.seed)
-    mask = select_key(model, spec)
+    """AdaLoc-lock the token-locked ``model``, then key-only token-locked updates.
+
+    Each update is set beside a reference: the same token-locked training of *all* weights
+    from the previous authorized model, i.e. the accuracy a full update would reach.
+    """
+    spec = KeySpec(budget=args.key_budget, selection=args.selection, seed=args.seed)
+    owner = stages[0].train
+    # Saliency of the authorized path: the token-locked model answers stamped inputs.
+    owner = ImageSet(stamp(owner.x[:1024], token), owner.y[:1024])
+    mask = select_key(model, spec, data=owner)
     base, key = two_factor_lock(model, mask, seed=args.seed)
     cfg = TokenLockConfig(
         strategy,
@@ -159,6 +208,7 @@ def run_two_factor(model, strategy, stages, token, args, num_classes, out_dir, b
     reference = outside_key_sha256(base, mask)  # what every key version must leave untouched
     rows = []
     for stage in stages:
+        full_ref = None
         if stage.index > 0:
             tcfg = TrainConfig(
                 epochs=args.epochs,
@@ -166,6 +216,19 @@ def run_two_factor(model, strategy, stages, token, args, num_classes, out_dir, b
                 lr=args.update_lr,
                 seed=args.seed + stage.index,
             )
+            full = unlock(base, key)  # the reference: every weight may move
+            fit_token_lock(
+                full,
+                stage.train,
+                stage.val,
+                token,
+                cfg,
+                tcfg,
+                num_classes=num_classes,
+                desc=f"full update {stage.name}",
+                progress=not args.no_progress,
+            )
+            full_ref = accuracy(full, stage.test, input_fn=stamp_fn(token))
             key, info = key_only_token_update(
                 base,
                 key,
@@ -183,22 +246,28 @@ def run_two_factor(model, strategy, stages, token, args, num_classes, out_dir, b
         row.update(
             stage=stage.name,
             parent=key.parent,
+            full_update_with_token=full_ref,
             outside_key_sha256=outside,
             outside_key_unchanged=outside == reference,
         )
         rows.append(row)
         bar.update(1)
-    return {"key_params": mask.params_in_key(model), "rows": rows}
+    return {"key_params": mask.params_in_key(model), "rows": rows, "key_spec": spec.to_dict()}
 
 
-def _pretrain(name, bundle, stage, args):
-    torch.manual_seed(args.seed)
-    model = build_model(
+def _fresh(name, bundle):
+    """A factory of untrained networks of architecture ``name`` for ``bundle``."""
+    return lambda: build_model(
         name,
         in_channels=bundle.in_channels,
         num_classes=bundle.num_classes,
         image_size=bundle.image_size,
     )
+
+
+def _pretrain(name, bundle, stage, args):
+    torch.manual_seed(args.seed)
+    model = _fresh(name, bundle)()
     cfg = TrainConfig(
         epochs=args.pretrain_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed
     )
@@ -236,7 +305,16 @@ def main(args: argparse.Namespace) -> dict:
     timings = {}
     unlocked = _pretrain(args.model, bundle, stage0, args)
     results = run_strategies(
-        unlocked, stage0, test, eval_set, token, strategies, args, bundle.num_classes, bar
+        unlocked,
+        _fresh(args.model, bundle),
+        stage0,
+        test,
+        eval_set,
+        token,
+        strategies,
+        args,
+        bundle.num_classes,
+        bar,
     )
     timings["strategies"] = time.perf_counter() - t0
     comparison = None
@@ -247,7 +325,16 @@ def main(args: argparse.Namespace) -> dict:
             "model": "mlp",
             "layers": [bundle.in_channels * h * w, 256, 256, 256, bundle.num_classes],
             "strategies": run_strategies(
-                mlp, stage0, test, eval_set, token, mlp_strategies, args, bundle.num_classes, bar
+                mlp,
+                _fresh("mlp", bundle),
+                stage0,
+                test,
+                eval_set,
+                token,
+                mlp_strategies,
+                args,
+                bundle.num_classes,
+                bar,
             ),
         }
         timings["mlp_row"] = time.perf_counter() - t0 - sum(timings.values())
@@ -267,6 +354,7 @@ def main(args: argparse.Namespace) -> dict:
         "strategies": results,
         "two_factor": two["rows"],
         "two_factor_key_params": two["key_params"],
+        "two_factor_key_spec": two["key_spec"],
         "two_factor_strategy": two_name,
         "comparison": comparison,
         "token": {

@@ -71,9 +71,11 @@ Deployment site (``registry.site``)::
         .pull(ref="production", *, allow_rollback=False, progress=None) -> PullResult
             # resolve -> base once (cached, sha256) -> sealed key (sha256 vs tag) -> verify
             # signature, base match, monotonic version -> decrypt -> adaloc.lock.apply_key
-            # (= unlock without building a module) -> check the owner's model sha256 ->
+            # (= unlock without building a module; the cached base is not re-hashed: the
+            # signed model sha256 covers it) -> check the owner's model sha256 ->
             # atomic model/model.safetensors + state.json. Any failure: previous model untouched.
         .status(*, online=True) -> dict     # installed + available (cached when offline)
+        .set_tracking_uri(uri, registry_uri=None)  # registry moved / proxy; keys unchanged
         .model_path -> Path ; .installed() -> dict | None
     PullResult: version, previous, base_sha256, model_sha256, bytes_base, bytes_key,
                 seconds (per phase), changed; to_dict()
@@ -82,7 +84,10 @@ Deployment site (``registry.site``)::
 Loopback servers (``registry.local_servers``; tests, bench, demos)::
 
     moto_s3(bucket) -> ctx[S3Endpoint(url, bucket)]     # sets MLFLOW_S3_ENDPOINT_URL + dummy creds
-    mlflow_server(root, *, s3=None) -> ctx[MlflowServer(tracking_uri, artifacts_destination, log)]
+    mlflow_server(root, *, s3=None, s3_url=None)
+        -> ctx[MlflowServer(tracking_uri, artifacts_destination, log)]
+    shaped_link(target_url, *, mbit=None, rtt_ms=0) -> ctx[ShapedLink(url, stats, .shape())]
+        # pacing TCP proxy on 127.0.0.1: a link of given rate / RTT without root (benchmarks)
 
 CLI (``pipelines/registry_cli.py``, typer sub-apps to mount in ``pipelines/cli.py``)::
 

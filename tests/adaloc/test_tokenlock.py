@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from adaloc.data import ImageSet
 from adaloc.errors import ConfigError
-from adaloc.evaluate import accuracy
+from adaloc.evaluate import accuracy, probe_accuracy
 from adaloc.keys import KeySpec, select_key
 from adaloc.lock import outside_key_sha256, state_sha256
 from adaloc.token import Token, stamp
@@ -24,7 +24,9 @@ from adaloc.tokenlock import (
     make_batch_fn,
     manipulated_targets,
     pruning_sweep,
+    selection_gap,
     token_lock_metrics,
+    weighted_kl_loss,
 )
 from adaloc.training import TrainConfig
 from adaloc.twofactor import key_only_token_update, two_factor_lock, two_factor_matrix
@@ -110,6 +112,8 @@ def test_hardened_batch_fn_marks_decoys_unauthorized():
         ({"p": -0.2}, "p=-0.2"),
         ({"strategy": "flip"}, "'flip'"),
         ({"decoy_frac": 1.5}, "decoy_frac=1.5"),
+        ({"unauth_weight": 0}, "unauth_weight=0"),
+        ({"unauth_weight": -1.0}, "unauth_weight=-1.0"),
     ],
 )
 def test_bad_config_raises(kwargs, match):
@@ -224,3 +228,77 @@ def test_two_factor_needs_key_and_token_and_survives_key_only_updates(locked, sp
     assert v2["key_and_token"] >= 0.85 and v2["key_only"] <= 0.45
     stamped = ImageSet(stamp(test.x, TOKEN), test.y)
     assert accuracy(base, stamped) <= 0.45  # the base alone, token or not, stays useless
+
+
+def test_weighted_loss_scales_only_the_unauthorized_samples():
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    target = torch.full((6, 4), 0.25)
+    target[:3] = F.one_hot(torch.tensor([0, 1, 2]), 4).float()
+    record = {"auth": torch.tensor([True] * 3 + [False] * 3)}
+    per = F.kl_div(F.log_softmax(logits, 1), target, reduction="none").sum(1)
+    got = weighted_kl_loss(3.0, record)(logits, target)
+    assert got == pytest.approx(float((per[:3].sum() + 3 * per[3:].sum()) / 6), rel=1e-5)
+    assert weighted_kl_loss(1.0, record)(logits, target) == pytest.approx(
+        float(kl_loss(logits, target)), rel=1e-5
+    )
+
+
+class _Fixed(torch.nn.Module):
+    """Outputs chosen per sample from its label: a stand-in for what a lock leaks."""
+
+    def __init__(self, table: dict, labels: torch.Tensor):
+        super().__init__()
+        self.table, self.labels, self.dummy = table, labels, torch.nn.Linear(1, 1)
+
+    def forward(self, x):
+        idx = x[:, 0, 0, 0].round().long()  # the sample's index is written in pixel (0, 0)
+        return torch.stack([self.table[int(self.labels[i])] for i in idx])
+
+
+def _indexed(n: int, k: int, seed: int) -> ImageSet:
+    y = torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(seed))
+    x = torch.zeros(n, 1, 4, 4)
+    x[:, 0, 0, 0] = torch.arange(n, dtype=torch.float32)
+    return ImageSet(x, y)
+
+
+def test_probe_sees_a_leak_argmax_misses_and_no_leak_in_a_constant_output():
+    k, fit, test = 4, _indexed(400, 4, 1), _indexed(400, 4, 2)
+    # "The true class is the least likely": argmax accuracy 0, yet fully informative.
+    last = {c: torch.where(torch.arange(k) == c, -1.0, 0.0) for c in range(k)}
+    for data in (fit, test):
+        model = _Fixed(last, data.y)
+        assert accuracy(model, data) == 0.0
+    probe_model = _Fixed(last, torch.cat([fit.y, test.y]))
+    test_shifted = ImageSet(test.x.clone(), test.y)
+    test_shifted.x[:, 0, 0, 0] += len(fit.y)
+    assert probe_accuracy(probe_model, fit, test_shifted) == 1.0
+    constant = {c: torch.zeros(k) for c in range(k)}
+    leak_free = _Fixed(constant, torch.cat([fit.y, test.y]))
+    assert probe_accuracy(leak_free, fit, test_shifted) <= 0.4  # chance 0.25 + noise
+
+
+def test_hardened_selection_counts_below_chance_as_a_leak(splits):
+    _, val, _ = splits
+    k = 4
+    # A model answering (y + 1) mod k without the token: 0% without, a perfect leak.
+    shifted = {c: F.one_hot(torch.tensor((c + 1) % k), k).float() * 5 for c in range(k)}
+    true = {c: F.one_hot(torch.tensor(c), k).float() * 5 for c in range(k)}
+
+    class Lock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Linear(1, 1)
+
+        def forward(self, x):
+            stamped = (x[:, :, :4, :4] == TOKEN.tensors(1)[0]).flatten(1).all(1)
+            labels = self.labels[: len(x)]
+            rows = [(true if s else shifted)[int(c)] for s, c in zip(stamped, labels, strict=True)]
+            return torch.stack(rows)
+
+    lock = Lock()
+    lock.labels = val.y  # one batch: sample i of the batch is val sample i
+    gap, m = selection_gap(lock, val, TOKEN, HARDENED, num_classes=k)
+    assert m["without_token_acc"] == 0.0 and m["with_token_acc"] == 1.0
+    # The plain rule would call this a perfect lock (gap 1.0); hardened counts |0 - chance|.
+    assert gap == pytest.approx(1.0 - 0.5)
