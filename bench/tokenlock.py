@@ -73,15 +73,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--decoy-frac", type=float, default=0.5, help="hardened: share of unauthorized decoys")
     a("--wrong-place-frac", type=float, default=0.25, help="hardened: misplaced-token decoys")
     a("--forged", type=int, default=20, help="random forged tokens at evaluation")
+    a(
+        "--pruning",
+        type=lambda t: tuple(float(v) for v in t.split(",")),
+        default=(0.0, 0.2, 0.4, 0.6, 0.8, 0.9),
+        help="global magnitude pruning sparsities (comma list in [0, 1))",
+    )
     a("--lr", type=float, default=0.05, help="learning rate of the unlocked model")
     a("--lock-lr", type=float, default=0.02, help="learning rate of token-locking")
     a(
-        "--soft-strategies",
-        default="random_target,uniform_distribution",
-        help="hardened: strategies trained from scratch with the unauthorized loss weighted",
+        "--soft",
+        type=_weights,
+        default="uniform_distribution=2.5,random_target=1.5",
+        help="hardened: NAME=WEIGHT strategies trained from scratch with the unauthorized "
+        "loss weighted (empty: none)",
     )
     a("--soft-epochs", type=int, default=4, help="hardened soft strategies: epochs from scratch")
-    a("--soft-unauth-weight", type=float, default=2.5, help="hardened soft: unauthorized weight")
     a("--key-budget", type=float, default=0.05, help="two-factor: fraction of params in key")
     a(
         "--selection",
@@ -97,6 +104,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0)
     a("--no-progress", action="store_true")
     return p
+
+
+def _weights(text: str) -> dict[str, float]:
+    """``a=2.5,b=1.5`` -> {"a": 2.5, "b": 1.5}."""
+    out = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        name, _, value = item.partition("=")
+        if name not in STRATEGIES:
+            raise argparse.ArgumentTypeError(f"unknown strategy {name!r} in {text!r}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected NAME=WEIGHT") from None
+    return out
 
 
 def _take(data, n: int):
@@ -115,16 +136,16 @@ def _lock_setup(name: str, variant: str, unlocked, fresh, args) -> tuple:
     """(config, model to train, train config, init) of one strategy x variant.
 
     Plain and hardened fine-tune a copy of the unlocked model, except hardened soft-target
-    strategies (--soft-strategies): fine-tuning leaves the unlocked model's class evidence a
+    strategies (--soft): fine-tuning leaves the unlocked model's class evidence a
     hair above uniform, so they train from scratch with the unauthorized loss weighted up.
     """
-    soft = variant == "hardened" and name in args.soft_strategies.split(",")
+    soft = variant == "hardened" and name in args.soft
     cfg = TokenLockConfig(
         name,
         p=args.p,
         decoy_frac=args.decoy_frac if variant == "hardened" else 0.0,
         wrong_place_frac=args.wrong_place_frac,
-        unauth_weight=args.soft_unauth_weight if soft else 1.0,
+        unauth_weight=args.soft[name] if soft else 1.0,
     )
     if not soft:
         tcfg = TrainConfig(
@@ -170,7 +191,7 @@ def run_strategies(
             row[variant] = {
                 "unlocked_acc": unlocked_acc,
                 **m,
-                "pruning": pruning_sweep(model, eval_set, token),
+                "pruning": pruning_sweep(model, eval_set, token, sparsities=args.pruning),
                 "config": cfg.to_dict(),
                 "init": init,
                 "epochs": tcfg.epochs,
@@ -391,6 +412,7 @@ def _print_table(result: dict) -> None:
         "forged_token_acc_mean",
         "forged_token_acc_max",
         "wrong_place_acc",
+        "without_token_probe_acc",
     )
     print(f"chance {_pct(result['chance'])}   columns: {', '.join(cols)}")
     rows = [(result["model"], result["strategies"])]
@@ -405,6 +427,7 @@ def _print_table(result: dict) -> None:
             f"two-factor v{r['version']} ({r['stage']}): key+token {_pct(r['key_and_token'])} "
             f"key only {_pct(r['key_only'])} token only {_pct(r['token_only'])} "
             f"neither {_pct(r['neither'])}"
+            + (f"; full update {_pct(r['full_update_with_token'])}" if r["stage"] != "base" else "")
         )
     print(f"total {result['seconds']:.0f} s")
 
