@@ -88,7 +88,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="hardened: NAME=WEIGHT strategies trained from scratch with the unauthorized "
         "loss weighted (empty: none)",
     )
-    a("--soft-epochs", type=int, default=4, help="hardened soft strategies: epochs from scratch")
+    a("--soft-epochs", type=int, default=6, help="hardened soft strategies: epochs from scratch")
     a("--key-budget", type=float, default=0.05, help="two-factor: fraction of params in key")
     a(
         "--selection",
@@ -483,13 +483,19 @@ def plot(result: dict, path: Path) -> None:
         vals = [r[c] for r in result["two_factor"]]
         xs = [k + (i - 1.5) * 0.2 for k in range(len(vals))]
         axes[2].bar(xs, vals, 0.2, label=c.replace("_", " "))
+    # over the key-and-token bar of each update
+    refs = [(k - 0.3, r["full_update_with_token"]) for k, r in enumerate(result["two_factor"])]
+    refs = [(k, v) for k, v in refs if v is not None]
+    if refs:
+        xs, ys = zip(*refs, strict=True)
+        axes[2].scatter(xs, ys, marker="_", s=600, color="k", label="full update (token)")
     axes[2].axhline(result["chance"], color="k", ls=":")
     axes[2].set_xticks(
         range(len(result["two_factor"])),
         [f"v{r['version']}\n{r['stage']}" for r in result["two_factor"]],
     )
     axes[2].set_title("two-factor lock: key x token")
-    axes[2].legend(fontsize=7)
+    axes[2].legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -16,7 +16,10 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from registry import records as R
-from registry.errors import NotFoundError
+from registry.errors import NotFoundError, RegistryError
+
+# How long a new model version may stay PENDING_REGISTRATION (MLflow's own default wait).
+REGISTRATION_TIMEOUT_S = 300
 
 
 def embedded_uris(root: str | Path) -> tuple[str, str]:
@@ -145,9 +148,17 @@ class MlflowStore:
         for mv in self._versions(name):
             if mv.run_id == run_id:
                 return mv
-        return self.client.create_model_version(
-            name, source, run_id=run_id, tags={**tags, R.STATUS: R.PENDING}
+        # MLflow's own wait logs an INFO line per version; wait here instead, quietly.
+        mv = self.client.create_model_version(
+            name, source, run_id=run_id, tags={**tags, R.STATUS: R.PENDING}, await_creation_for=0
         )
+        deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
+        while mv.status == "PENDING_REGISTRATION" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            mv = self.client.get_model_version(name, str(mv.version))
+        if mv.status != "READY":
+            raise RegistryError(f"{name} version {mv.version} did not register: {mv.status}")
+        return mv
 
     def _mark_ready(self, name: str, mv, run_id: str) -> None:
         self.client.set_model_version_tag(name, str(mv.version), R.STATUS, R.READY)
