@@ -17,9 +17,10 @@ def logits(
     *,
     input_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     batch_size: int = 512,
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """Raw outputs ``[N, K]`` (float32, on the CPU) of ``model`` on ``data``."""
-    dev = best_device(None)
+    dev = best_device(str(device) if device is not None else None)
     was_training = model.training
     model.to(dev).eval()
     outs = []
@@ -28,7 +29,7 @@ def logits(
         with autocast(dev):
             outs.append(model(input_fn(x) if input_fn else x).float().cpu())
     model.train(was_training)
-    return torch.cat(outs)
+    return torch.cat(outs) if outs else torch.empty(0, 0)
 
 
 def probe_accuracy(
@@ -78,21 +79,12 @@ def predict(
     device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """Predicted class of every sample of ``data`` (an ImageSet); input_fn rewrites inputs."""
-    dev = best_device(str(device) if device is not None else None)
-    was_training = model.training
-    model.to(dev).eval()
-    preds = []
-    for start in range(0, len(data.y), batch_size):
-        x = data.x[start : start + batch_size].to(dev)
-        if input_fn is not None:
-            x = input_fn(x)
-        with autocast(dev):
-            out = model(x).float()
-        pred = out.argmax(1)
-        pred[~torch.isfinite(out).all(1)] = -1  # a broken (NaN) output is no answer
-        preds.append(pred.cpu())
-    model.train(was_training)
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
+    out = logits(model, data, input_fn=input_fn, batch_size=batch_size, device=device)
+    if out.numel() == 0:
+        return torch.empty(0, dtype=torch.int64)
+    pred = out.argmax(1)
+    pred[~torch.isfinite(out).all(1)] = -1  # a broken (NaN) output is no answer
+    return pred
 
 
 def accuracy(model: nn.Module, data, **kwargs) -> float:
