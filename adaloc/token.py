@@ -353,6 +353,69 @@ def forged_tensors(
     return pix, mask, same_mask & same_pix
 
 
+def near_tensors(
+    like: Token,
+    batch: int,
+    channels: int,
+    generator: torch.Generator | None = None,
+    *,
+    max_changes: int = 3,
+):
+    """Near misses of ``like``: the true token with 1..``max_changes`` of its pixels changed.
+
+    Returns ``(pixels [B,C,N,N], mask [B,N,N], is_true [B])`` like :func:`forged_tensors`.
+    Binary patterns flip stamped/unstamped cells, dot layouts flip dots, colour patches and
+    images get random values in the changed cells. These are the hard negatives: random
+    forgeries differ from the token in about half its cells, an attacker who knows part of
+    the token in a few.
+    """
+    if not isinstance(max_changes, int) or max_changes < 1:
+        raise TokenError(f"max_changes={max_changes!r}; expected an integer >= 1")
+    n = like.size
+    true_pix, true_mask = like.tensors(channels)
+    k = torch.randint(1, min(max_changes, n * n) + 1, (batch,), generator=generator)
+    ranks = torch.rand((batch, n * n), generator=generator).argsort(1).argsort(1)
+    change = (ranks < k[:, None]).view(batch, n, n)
+    color = true_pix.reshape(channels, -1).max(dim=1).values.view(1, channels, 1, 1)
+    if like.pattern in ("patch4x4-rgb", "image") or n == 1:
+        noise = _match_channels(
+            torch.rand((batch, len(like.pixels), n, n), generator=generator), channels
+        )
+        pix = torch.where(change[:, None], noise, true_pix.expand(batch, -1, -1, -1))
+        mask = true_mask.expand(batch, n, n)
+    elif like.pattern == "binary":
+        bits = (true_pix.amax(0) > 0) ^ change
+        pix, mask = color * bits[:, None].float(), true_mask.expand(batch, n, n)
+    else:  # fixed dot layouts: move, add or drop dots
+        mask = true_mask.bool() ^ change
+        pix = color * mask[:, None].float()
+    same_mask = (mask.bool() == true_mask.bool()).flatten(1).all(1)
+    same_pix = ((pix - true_pix) * true_mask).abs().flatten(1).amax(1) < 1e-6
+    return pix, mask, same_mask & same_pix
+
+
+def near_tokens(like: Token, n: int, seed: int = 0, *, max_changes: int = 3) -> list[Token]:
+    """``n`` near-miss tokens (see :func:`near_tensors`), none equal to ``like``."""
+    if n < 0:
+        raise TokenError(f"n={n!r} near tokens; expected n >= 0")
+    g = torch.Generator().manual_seed(seed)
+    out: list[Token] = []
+    for _ in range(100):
+        if len(out) >= n:
+            break
+        pix, mask, same = near_tensors(like, 2 * n, like.channels, g, max_changes=max_changes)
+        keep = ~same & mask.flatten(1).any(1)  # a token stamps at least one pixel
+        for i in keep.nonzero().view(-1).tolist()[: n - len(out)]:
+            out.append(
+                dataclasses.replace(
+                    like, pixels=pix[i].tolist(), mask=mask[i].int().tolist(), seed=None
+                )
+            )
+    if len(out) < n:
+        raise TokenError(f"cannot draw {n} near misses of a {like.size}x{like.size} token")
+    return out
+
+
 def random_tokens(like: Token, n: int, seed: int = 0) -> list[Token]:
     """``n`` forged tokens of the same kind, size and placement, none equal to ``like``.
 

@@ -4,8 +4,11 @@ Each training sample is stamped with the secret token with probability ``p`` and
 label; the others keep their pixels and get a manipulated target (see ``STRATEGIES``). The
 paper's plain recipe stops there, and random tokens of the same kind then unlock much of
 the model (the network learns "a patch in the corner", not "this patch"). Hardening adds
-*decoys*: a share of the unauthorized samples carries a random token of the same kind, or
-the true token at a wrong place, and gets the manipulated target too.
+*decoys*: a share of the unauthorized samples carries a random token of the same kind, a
+near miss of the true token (1 to 3 of its cells changed), or the true token at a wrong
+place, and gets the manipulated target too. Random forgeries alone teach "not that kind of
+patch"; the near misses teach "exactly this patch", which random_target needs most (its
+one-hot random targets give a weak, noisy unauthorized signal).
 
 Soft and random targets have a second flaw: KL to a near-uniform target has a vanishing
 gradient, so the output stays a hair off uniform with the true class on top, and argmax
@@ -28,7 +31,14 @@ from torch import nn
 
 from adaloc.errors import ConfigError
 from adaloc.evaluate import accuracy
-from adaloc.token import Token, corner_position, forged_tensors, paste, random_positions
+from adaloc.token import (
+    Token,
+    corner_position,
+    forged_tensors,
+    near_tensors,
+    paste,
+    random_positions,
+)
 
 STRATEGIES = (
     "single_target",
@@ -118,6 +128,8 @@ class TokenLockConfig:
     decoy_frac: share of the unauthorized samples that carry a decoy (0 = the paper's plain
         recipe); a decoy is a random token of the same kind or the true token misplaced.
     wrong_place_frac: share of the decoys that are the true token at a wrong place.
+    near_frac: share of the other decoys that are near misses of the true token (1 to
+        ``near_changes`` cells changed) rather than random tokens of the same kind.
     unauth_weight: weight of the unauthorized samples' loss (1 = the paper's loss).
     """
 
@@ -126,6 +138,8 @@ class TokenLockConfig:
     target_class: int = 0
     decoy_frac: float = 0.0
     wrong_place_frac: float = 0.25
+    near_frac: float = 0.0
+    near_changes: int = 3
     unauth_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -135,10 +149,12 @@ class TokenLockConfig:
             )
         if not isinstance(self.p, (int, float)) or not 0.0 < float(self.p) < 1.0:
             raise ConfigError(f"p={self.p!r}; expected a probability strictly between 0 and 1")
-        for name in ("decoy_frac", "wrong_place_frac"):
+        for name in ("decoy_frac", "wrong_place_frac", "near_frac"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
                 raise ConfigError(f"{name}={v!r}; expected a fraction in [0, 1]")
+        if not isinstance(self.near_changes, int) or self.near_changes < 1:
+            raise ConfigError(f"near_changes={self.near_changes!r}; expected an integer >= 1")
         w = self.unauth_weight
         if not isinstance(w, (int, float)) or not 0.0 < float(w) <= 100.0:
             raise ConfigError(f"unauth_weight={w!r}; expected a weight in (0, 100]")
@@ -200,6 +216,12 @@ def make_batch_fn(token: Token, cfg: TokenLockConfig, num_classes: int, record: 
             out = _paste_where(out, misplaced, pix, mask, wr, wc)
         if forged.any():
             fpix, fmask, is_true = forged_tensors(token, b, c, g)
+            if cfg.near_frac > 0:  # drawn only then: the plain recipe's stream is unchanged
+                near = torch.rand(b, generator=g) < cfg.near_frac
+                npix, nmask, n_true = near_tensors(token, b, c, g, max_changes=cfg.near_changes)
+                fpix = torch.where(near[:, None, None, None], npix, fpix)
+                fmask = torch.where(near[:, None, None], nmask.bool(), fmask.bool())
+                is_true = torch.where(near, n_true, is_true)
             out = _paste_where(out, forged, fpix, fmask, rows, cols)
             auth = auth | (forged & is_true)  # a "forgery" equal to the token is the token
         target = manipulated_targets(
@@ -277,12 +299,15 @@ def token_lock_metrics(
 ) -> dict:
     """With token, without, forged mean/max over ``forged`` random tokens, true token misplaced.
 
+    ``near_token_acc_mean``/``_max`` are over ``forged`` near misses (the true token with 1-3
+    cells changed: what an attacker who learnt most of the token would try).
+
     With ``probe_data`` (labelled samples an attacker might hold) also
     ``without_token_probe_acc``: a linear probe fitted on the un-stamped outputs, i.e. what
     they leak whatever decision rule an attacker uses (see adaloc.evaluate.probe_accuracy).
     """
     from adaloc.evaluate import probe_accuracy
-    from adaloc.token import random_tokens
+    from adaloc.token import near_tokens, random_tokens
 
     kw = {"batch_size": batch_size}
     out = {
@@ -295,6 +320,12 @@ def token_lock_metrics(
     ]
     out["forged_token_acc_mean"] = sum(accs) / len(accs) if accs else None
     out["forged_token_acc_max"] = max(accs) if accs else None
+    near = [
+        accuracy(model, data, input_fn=stamp_fn(t, seed=seed), **kw)
+        for t in near_tokens(token, forged, seed=seed)
+    ]
+    out["near_token_acc_mean"] = sum(near) / len(near) if near else None
+    out["near_token_acc_max"] = max(near) if near else None
     corner = wrong_corner(token)
     out["wrong_place_acc"] = (
         None
@@ -343,8 +374,9 @@ def selection_gap(
     """Validation gap authorized − unauthorized used to pick the checkpoint.
 
     Plain recipe: with − without token (the paper's rule). Hardened: unauthorized is the
-    worst of without, the mean over 5 forged tokens (seeds disjoint from the test ones)
-    and the misplaced token, each counted by its distance from chance on either side
+    worst of without, the mean over 5 forged tokens (seeds disjoint from the test ones),
+    the misplaced token and, when near-miss decoys are trained, the mean over 5 near
+    misses, each counted by its distance from chance on either side
     (``chance + |acc − chance|``), so the chosen epoch resists forgeries and does not leak
     by ranking the true class last.
     """
@@ -356,6 +388,8 @@ def selection_gap(
         return m["with_token_acc"] - m["without_token_acc"], m
     m = token_lock_metrics(model, val, token, forged=5, seed=10_000 + seed)
     unauth = [m["without_token_acc"], m["forged_token_acc_mean"], m["wrong_place_acc"]]
+    if cfg.near_frac > 0:
+        unauth.append(m["near_token_acc_mean"])
     chance = 1.0 / (num_classes or int(val.y.max()) + 1)
     worst = max(chance + abs(v - chance) for v in unauth if v is not None)
     return m["with_token_acc"] - worst, m

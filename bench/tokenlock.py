@@ -72,6 +72,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--p", type=float, default=0.5, help="probability a training sample carries the token")
     a("--decoy-frac", type=float, default=0.5, help="hardened: share of unauthorized decoys")
     a("--wrong-place-frac", type=float, default=0.25, help="hardened: misplaced-token decoys")
+    a(
+        "--near-frac",
+        type=float,
+        default=0.5,
+        help="hardened: share of the forged decoys that are near misses of the token",
+    )
     a("--forged", type=int, default=20, help="random forged tokens at evaluation")
     a(
         "--pruning",
@@ -144,6 +150,7 @@ def _lock_setup(name: str, variant: str, unlocked, fresh, args) -> tuple:
         name,
         p=args.p,
         decoy_frac=args.decoy_frac if variant == "hardened" else 0.0,
+        near_frac=args.near_frac if variant == "hardened" else 0.0,
         wrong_place_frac=args.wrong_place_frac,
         unauth_weight=args.soft[name] if soft else 1.0,
     )
@@ -186,8 +193,9 @@ def run_strategies(
                 model, test, token, forged=0, seed=args.seed, probe_data=stage.val
             )
             forged = token_lock_metrics(model, eval_set, token, forged=args.forged, seed=args.seed)
-            m["forged_token_acc_mean"] = forged["forged_token_acc_mean"]
-            m["forged_token_acc_max"] = forged["forged_token_acc_max"]
+            for k in ("forged", "near"):
+                for stat in ("mean", "max"):
+                    m[f"{k}_token_acc_{stat}"] = forged[f"{k}_token_acc_{stat}"]
             row[variant] = {
                 "unlocked_acc": unlocked_acc,
                 **m,
@@ -221,6 +229,7 @@ def run_two_factor(model, strategy, stages, token, args, num_classes, out_dir, b
         strategy,
         p=args.p,
         decoy_frac=args.decoy_frac,
+        near_frac=args.near_frac,
         wrong_place_frac=args.wrong_place_frac,
     )
     secret = out_dir / "secret"
@@ -314,7 +323,8 @@ def main(args: argparse.Namespace) -> dict:
     )
     test, eval_set = _take(bundle.test, args.test_size), _take(bundle.test, args.eval_size)
     token = _make_token(args)
-    TokenLockConfig(p=args.p, decoy_frac=args.decoy_frac)  # fail fast on bad p / fractions
+    # fail fast on bad p / fractions
+    TokenLockConfig(p=args.p, decoy_frac=args.decoy_frac, near_frac=args.near_frac)
     strategies = STRATEGIES if args.strategy == "all" else tuple(args.strategy.split(","))
     unknown = [n for n in strategies if n not in STRATEGIES]
     if unknown:
@@ -411,6 +421,7 @@ def _print_table(result: dict) -> None:
         "without_token_acc",
         "forged_token_acc_mean",
         "forged_token_acc_max",
+        "near_token_acc_mean",
         "wrong_place_acc",
         "without_token_probe_acc",
     )
@@ -440,7 +451,13 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["strategies"])
-    fields = ("with_token_acc", "without_token_acc", "forged_token_acc_mean", "wrong_place_acc")
+    fields = (
+        "with_token_acc",
+        "without_token_acc",
+        "forged_token_acc_mean",
+        "near_token_acc_mean",
+        "wrong_place_acc",
+    )
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     ax, width = axes[0], 0.8 / (2 * len(fields))
     for j, (variant, hatch) in enumerate((("plain", "//"), ("hardened", ""))):

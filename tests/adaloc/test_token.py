@@ -17,6 +17,8 @@ from adaloc.token import (
     PATTERNS,
     Token,
     forged_tensors,
+    near_tensors,
+    near_tokens,
     random_tokens,
     stamp,
 )
@@ -118,6 +120,31 @@ def test_forged_tensors_shapes_and_true_flag():
     # 2x2 bits: 1 in 16 draws equals the token, and the flag must say so exactly.
     expect = (pix[:, 0] == torch.tensor(tok.pixels)[0]).flatten(1).all(1)
     assert torch.equal(is_true, expect) and is_true.any()
+
+
+@pytest.mark.parametrize("kind", ["binary", "dots3x3-die5", "patch4x4-rgb", "pixel"])
+def test_near_tokens_change_one_to_three_cells(kind):
+    tok = Token.generate(kind, 4 if kind == "binary" else None, seed=5)
+    near = near_tokens(tok, 20, seed=0)
+    assert len(near) == 20 and all(t != tok for t in near)
+    assert near_tokens(tok, 20, seed=0) == near
+    for t in near:
+        # a cell is changed when its mask bit or any of its channel values differ
+        changed = (np.asarray(t.mask) != np.asarray(tok.mask)) | (
+            np.asarray(t.pixels) != np.asarray(tok.pixels)
+        ).any(0)
+        assert 1 <= changed.sum() <= min(3, tok.size**2)
+
+
+def test_near_tensors_flag_draws_equal_to_the_token():
+    tok = Token.generate("pixel")  # 1x1: a changed cell gets a random value, never equal
+    _, _, same = near_tensors(tok, 64, 1, torch.Generator().manual_seed(0))
+    assert not same.any()
+    tok = Token.generate("binary", 4, seed=2)
+    pix, mask, same = near_tensors(tok, 256, 3, torch.Generator().manual_seed(0))
+    assert pix.shape == (256, 3, 4, 4) and mask.shape == (256, 4, 4) and not same.any()
+    with pytest.raises(TokenError, match="max_changes=0"):
+        near_tensors(tok, 4, 3, max_changes=0)
 
 
 def test_json_and_bytes_round_trip(tmp_path):

@@ -104,6 +104,24 @@ def test_hardened_batch_fn_marks_decoys_unauthorized():
     assert torch.equal(target[true].argmax(1), y[true])
 
 
+def test_near_miss_decoys_are_unauthorized_and_near():
+    cfg = TokenLockConfig(
+        "single_target", p=0.5, target_class=0, decoy_frac=1.0, wrong_place_frac=0.0, near_frac=0.5
+    )
+    x = torch.zeros(4000, 1, 8, 8)
+    y = torch.randint(1, 4, (4000,))
+    out, target = make_batch_fn(TOKEN, cfg, 4)(x, y, torch.Generator().manual_seed(0))
+    true = torch.tensor(TOKEN.pixels)[0]
+    cells = out[:, 0, :4, :4]
+    differ = (cells != true).flatten(1).sum(1)
+    decoy = (differ > 0) & (out != 0).flatten(1).any(1)
+    near = decoy & (differ <= 3)
+    # half of the decoys are near misses (1-3 cells), plus the rare random draw that close
+    assert 0.5 < float(near.sum() / decoy.sum()) < 0.6
+    assert torch.all(target[decoy].argmax(1) == 0)
+    assert torch.equal(target[differ == 0].argmax(1), y[differ == 0])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -112,6 +130,8 @@ def test_hardened_batch_fn_marks_decoys_unauthorized():
         ({"p": -0.2}, "p=-0.2"),
         ({"strategy": "flip"}, "'flip'"),
         ({"decoy_frac": 1.5}, "decoy_frac=1.5"),
+        ({"near_frac": -0.1}, "near_frac=-0.1"),
+        ({"near_changes": 0}, "near_changes=0"),
         ({"unauth_weight": 0}, "unauth_weight=0"),
         ({"unauth_weight": -1.0}, "unauth_weight=-1.0"),
     ],
