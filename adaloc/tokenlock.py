@@ -294,7 +294,7 @@ def token_lock_metrics(
     *,
     forged: int = 20,
     seed: int = 0,
-    batch_size: int = 512,
+    batch_size: int = 256,
     probe_data=None,
 ) -> dict:
     """With token, without, forged mean/max over ``forged`` random tokens, true token misplaced.
@@ -343,7 +343,7 @@ def pruning_sweep(
     token: Token,
     sparsities=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
     *,
-    batch_size: int = 512,
+    batch_size: int = 256,
 ) -> list[dict]:
     """With/without-token accuracy after global magnitude pruning (each on a copy)."""
     rows = []

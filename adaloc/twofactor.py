@@ -22,7 +22,7 @@ def two_factor_lock(model: nn.Module, mask, *, fill: str = "zeros", seed: int = 
     return lock(model, mask, fill=fill, seed=seed)
 
 
-def two_factor_matrix(base: nn.Module, key: Key, data, token: Token, *, batch_size: int = 512):
+def two_factor_matrix(base: nn.Module, key: Key, data, token: Token, *, batch_size: int = 256):
     """The 2x2 matrix: accuracy for key yes/no x token yes/no on ``data``."""
     authorized = unlock(base, key)
     with_token = stamp_fn(token)

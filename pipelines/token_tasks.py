@@ -26,10 +26,17 @@ def token_path(owner_dir: str) -> Path:
 
 
 def lock_config(cfg: PipelineConfig):
-    """The TokenLockConfig of the flows: the config's strategy, decoy hardening on."""
+    """The TokenLockConfig of the flows: the config's strategy, decoy hardening on.
+
+    As in the hardened recipe (``bench/tokenlock.py``), half the random-token decoys are
+    near misses of the true token.
+    """
     from adaloc.tokenlock import TokenLockConfig
 
-    return TokenLockConfig(strategy=cfg.token_strategy, decoy_frac=cfg.token_decoys)
+    near = 0.5 if cfg.token_decoys > 0 else 0.0
+    return TokenLockConfig(
+        strategy=cfg.token_strategy, decoy_frac=cfg.token_decoys, near_frac=near
+    )
 
 
 @task(name="make token", **LOCAL)
