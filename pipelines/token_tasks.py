@@ -34,9 +34,7 @@ def lock_config(cfg: PipelineConfig):
     from adaloc.tokenlock import TokenLockConfig
 
     near = 0.5 if cfg.token_decoys > 0 else 0.0
-    return TokenLockConfig(
-        strategy=cfg.token_strategy, decoy_frac=cfg.token_decoys, near_frac=near
-    )
+    return TokenLockConfig(strategy=cfg.token_strategy, decoy_frac=cfg.token_decoys, near_frac=near)
 
 
 @task(name="make token", **LOCAL)
