@@ -486,7 +486,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
     ax.set_title(f"{result['model']} on {result['dataset']}: plain (hatched) vs hardened")
     ax.set_ylabel("accuracy")
-    ax.legend(fontsize=7)
+    ax.set_ylim(0, 1.2)  # room for the legend above the bars
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
     for i, n in enumerate(names):
         rows = result["strategies"][n]["pruning"]
         sp = [r["sparsity"] for r in rows]
