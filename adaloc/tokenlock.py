@@ -40,6 +40,8 @@ from adaloc.token import (
     random_positions,
 )
 
+NEAR_FRAC = 0.5  # hardened recipe and flows: share of the random decoys made near misses
+
 STRATEGIES = (
     "single_target",
     "random_target",
@@ -314,18 +316,13 @@ def token_lock_metrics(
         "with_token_acc": accuracy(model, data, input_fn=stamp_fn(token, seed=seed), **kw),
         "without_token_acc": accuracy(model, data, **kw),
     }
-    accs = [
-        accuracy(model, data, input_fn=stamp_fn(t, seed=seed), **kw)
-        for t in random_tokens(token, forged, seed=seed)
-    ]
-    out["forged_token_acc_mean"] = sum(accs) / len(accs) if accs else None
-    out["forged_token_acc_max"] = max(accs) if accs else None
-    near = [
-        accuracy(model, data, input_fn=stamp_fn(t, seed=seed), **kw)
-        for t in near_tokens(token, forged, seed=seed)
-    ]
-    out["near_token_acc_mean"] = sum(near) / len(near) if near else None
-    out["near_token_acc_max"] = max(near) if near else None
+    for name, draw in (("forged", random_tokens), ("near", near_tokens)):
+        accs = [
+            accuracy(model, data, input_fn=stamp_fn(t, seed=seed), **kw)
+            for t in draw(token, forged, seed=seed)
+        ]
+        out[f"{name}_token_acc_mean"] = sum(accs) / len(accs) if accs else None
+        out[f"{name}_token_acc_max"] = max(accs) if accs else None
     corner = wrong_corner(token)
     out["wrong_place_acc"] = (
         None

@@ -28,12 +28,12 @@ def token_path(owner_dir: str) -> Path:
 def lock_config(cfg: PipelineConfig):
     """The TokenLockConfig of the flows: the config's strategy, decoy hardening on.
 
-    As in the hardened recipe (``bench/tokenlock.py``), half the random-token decoys are
-    near misses of the true token.
+    As in the hardened recipe (``bench/tokenlock.py``), a share ``NEAR_FRAC`` of the
+    random-token decoys are near misses of the true token.
     """
-    from adaloc.tokenlock import TokenLockConfig
+    from adaloc.tokenlock import NEAR_FRAC, TokenLockConfig
 
-    near = 0.5 if cfg.token_decoys > 0 else 0.0
+    near = NEAR_FRAC if cfg.token_decoys > 0 else 0.0
     return TokenLockConfig(strategy=cfg.token_strategy, decoy_frac=cfg.token_decoys, near_frac=near)
 
 
