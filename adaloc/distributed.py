@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from adaloc.device import best_device
 from adaloc.errors import ConfigError
 from adaloc.keys import KeyMask
-from adaloc.training import KeyGuard, TrainConfig, TrainReport, run_loop
+from adaloc.training import KeyGuard, TrainConfig, TrainReport, index_epochs, run_loop
 
 
 def backend_for(device: torch.device) -> str:
@@ -93,10 +93,11 @@ def fit_distributed(
     ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     report = run_loop(
         model,
-        train,
         cfg,
         forward=ddp,
-        index_batches=lambda: shard_batches(len(train), cfg.batch_size, g, rank, world),
+        epoch_batches=index_epochs(
+            train, lambda: shard_batches(len(train), cfg.batch_size, g, rank, world)
+        ),
         steps_per_epoch=math.ceil((len(train) // world) / cfg.batch_size),
         device=dev,
         guard=guard,

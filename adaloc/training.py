@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -159,13 +159,17 @@ def cosine_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: i
     )
 
 
+def index_epochs(train, batches: Callable[[], Iterator[torch.Tensor]]):
+    """Epoch factory over an in-memory ImageSet: ``batches()`` yields index tensors."""
+    return lambda: ((train.x[idx], train.y[idx]) for idx in batches())
+
+
 def run_loop(
     model: nn.Module,
-    train,
     cfg: TrainConfig,
     *,
     forward: nn.Module,
-    index_batches: Callable[[], Iterator[torch.Tensor]],
+    epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
     steps_per_epoch: int,
     device: torch.device,
     guard: KeyGuard | None,
@@ -179,8 +183,9 @@ def run_loop(
     """The training loop shared by :func:`fit` and DDP training.
 
     ``forward`` is the module called on batches (``model`` itself or its DDP wrapper);
-    ``index_batches()`` yields one epoch of sample-index batches; ``generator`` is handed to
-    ``batch_fn``. Closes ``guard`` at the end.
+    ``epoch_batches()`` yields one epoch of ``(x, y)`` batches (in-memory slices via
+    :func:`index_epochs`, or any ``DataLoader``); ``generator`` is handed to ``batch_fn``.
+    Closes ``guard`` at the end.
     """
     params = guard.trainable() if guard else [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
@@ -198,9 +203,9 @@ def run_loop(
             else:
                 forward.train()
             running, seen = 0.0, 0
-            for idx in index_batches():
-                x = train.x[idx].to(device, non_blocking=True)
-                target = train.y[idx].to(device, non_blocking=True)
+            for xb, yb in epoch_batches():
+                x = xb.to(device, non_blocking=True)
+                target = yb.to(device, non_blocking=True)
                 if batch_fn is not None:
                     x, target = batch_fn(x, target, generator)
                 with autocast(device, cfg.amp):
@@ -214,8 +219,8 @@ def run_loop(
                     guard.restore()
                 if sched:
                     sched.step()
-                running += float(loss.detach()) * len(idx)
-                seen += len(idx)
+                running += float(loss.detach()) * len(yb)
+                seen += len(yb)
                 report.steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{running / seen:.3f}", epoch=epoch + 1)
@@ -256,10 +261,9 @@ def fit(
     g = torch.Generator().manual_seed(cfg.seed)
     return run_loop(
         model,
-        train,
         cfg,
         forward=model,
-        index_batches=lambda: _batches(len(train), cfg.batch_size, g),
+        epoch_batches=index_epochs(train, lambda: _batches(len(train), cfg.batch_size, g)),
         steps_per_epoch=math.ceil(len(train) / cfg.batch_size),
         device=device,
         guard=KeyGuard(model, mask) if mask is not None else None,
