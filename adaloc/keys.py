@@ -54,7 +54,7 @@ class KeySpec:
     include_norm: bool = True
     include_head: bool = True
     bn_stats: str = "key"
-    include_stem: bool = False
+    include_stem: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, (int, float)) or not 0.0 < float(self.budget) < 1.0:

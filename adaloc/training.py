@@ -12,8 +12,8 @@ AdamW's decoupled decay still moved the "frozen" network):
    in the key have nothing to write back, and tensors without key positions cannot move
    (no gradient, not in the optimizer), so nothing else is copied per step;
 4. BatchNorm layers whose statistics are not in the key run in eval mode; buffers outside
-   the key (e.g. ``num_batches_tracked`` of a keyed BatchNorm) are written back when the
-   guard closes, and every snapshot value is checked back at close.
+   the key (e.g. ``num_batches_tracked`` of a keyed BatchNorm, which only counts steps) are
+   written back at every epoch end (before any callback sees the model) and at close.
 """
 
 from __future__ import annotations
@@ -239,6 +239,9 @@ def run_loop(
                 bar.update(1)
                 bar.set_postfix(loss=f"{running / seen:.3f}", epoch=epoch + 1)
             report.losses.append(running / max(seen, 1))
+            if guard:
+                # once per epoch, not per step: callbacks snapshot a model that is whole
+                guard.restore_buffers()
             if on_epoch_end is not None and on_epoch_end(epoch, model) is True:
                 break
     finally:

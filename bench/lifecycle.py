@@ -210,12 +210,16 @@ def run_chain(
     }
 
 
-def measure_speed(model, mask, data, recipe, full_cfg, *, repeats: int = 2) -> dict:
+def measure_speed(
+    model, mask, data, recipe, full_cfg, *, repeats: int = 2, limit: int = 4096
+) -> dict:
     """Samples/s of one key-only epoch and one full fine-tuning epoch, side by side.
 
-    Alternates the two ``repeats`` times on copies of the same model and data (the best of
-    each counts: the machine is shared, the fastest run is the least disturbed one).
+    Alternates the two ``repeats`` times on copies of the same model and the same images
+    (the first ``limit`` of ``data``); the best of each counts: the machine is shared, and
+    the fastest run is the least disturbed one.
     """
+    data = data.subset(torch.arange(min(limit, len(data))))
     key_cfg = recipe.train_config(epochs=1, seed=0, device=full_cfg.device)
     full_cfg = dataclasses.replace(full_cfg, epochs=1, batch_size=recipe.batch_size)
     best = {"key_only": 0.0, "full": 0.0}

@@ -99,3 +99,23 @@ def test_stem_goes_whole_into_the_key(trained_tiny, tiny_data):
     assert len(mask.indices["0.weight"]) == trained_tiny[0].weight.shape[0]
     assert len(mask.indices["0.bias"]) == trained_tiny[0].bias.shape[0]
     assert KeySpec.from_json(KeySpec(include_stem=True).to_json()).include_stem
+
+
+def test_epoch_callbacks_see_a_whole_lock_and_can_stop_training(trained_tiny, tiny_data):
+    """KeyGuard writes back per step only what can move; callbacks still see every non-key
+    value (BatchNorm step counters included) at its base value, and True stops the loop."""
+    from adaloc.training import TrainConfig, fit
+
+    model = copy.deepcopy(trained_tiny)
+    mask = select_key(model, KeySpec(budget=0.3), data=tiny_data)
+    start = outside_key_sha256(model, mask)
+    seen = []
+
+    def check(epoch, m):
+        seen.append(outside_key_sha256(m, mask))
+        return epoch == 1
+
+    cfg = TrainConfig(epochs=5, optimizer="adam", lr=0.01, weight_decay=1e-3)
+    rep = fit(model, tiny_data, cfg, mask=mask, on_epoch_end=check, progress=False)
+    assert seen == [start, start] and len(rep.losses) == 2
+    assert outside_key_sha256(model, mask) == start
