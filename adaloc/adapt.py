@@ -6,9 +6,14 @@ update flow. What it does, in order (each step measured in ``bench/README.md``):
 1. **BatchNorm statistics re-estimated on the new data** (AdaBN): keyed running statistics are
    reset and recomputed as a cumulative average over the stage's training images. Under a
    shift this alone recovers much of the accuracy, at the cost of one forward pass.
-2. **Adam on the few-parameter key**: per-parameter step sizes move a norm scale across zero
+2. **A polarity candidate** (with 1.): a copy whose first BatchNorm scale is negated, then
+   re-estimated, is scored on val next to the plain start and the better one is trained.
+   With a bias-free stem, conv(1 - x) = conv(1) - conv(x): an input inversion is undone by
+   that sign flip up to the zero-padded border, a point key-only gradient steps reach
+   slowly (a scale must cross zero). On any other stage the candidate loses on val.
+3. **Adam on the few-parameter key**: per-parameter step sizes move a norm scale across zero
    in tens of steps where SGD at the base's rate needs hundreds.
-3. **A step budget chosen on the stage's validation split**: at least ``min_steps`` optimizer
+4. **A step budget chosen on the stage's validation split**: at least ``min_steps`` optimizer
    steps (small update sets get more epochs, large ones keep the caller's), at most
    ``max_epochs``; the state with the best validation accuracy (ties: lower validation loss,
    which a few dozen val images need) is kept (the starting point counts, so an update never
@@ -46,6 +51,7 @@ class UpdateRecipe:
     max_epochs: int = 60
     patience_steps: int = 100
     recalibrate_bn: bool = True
+    polarity_candidate: bool = True
     batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -90,6 +96,7 @@ class UpdateReport:
     best_epoch: int  # 0 = the starting point (after statistics re-estimation) was best
     val_start: float | None
     val_best: float | None
+    polarity_flipped: bool = False
 
     def to_dict(self) -> dict:
         """Plain dict, for JSON."""
@@ -141,6 +148,19 @@ def recalibrate_batchnorm(
     return len(bns)
 
 
+def _first_batchnorm(model: nn.Module, mask: KeyMask | None) -> nn.Module | None:
+    """The first BatchNorm in module order, if its scale and statistics are all in the key."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if mask is None:
+                return module
+            prefix = f"{name}." if name else ""
+            scale = mask.indices.get(prefix + "weight")
+            whole = scale is not None and len(scale) == module.num_features
+            return module if whole and prefix + "running_mean" in mask.indices else None
+    return None
+
+
 def _tracked_names(model: nn.Module, mask: KeyMask | None) -> list[str]:
     names = list(model.state_dict())
     return names if mask is None else [n for n in names if n in mask.indices]
@@ -151,6 +171,25 @@ def _score(model: nn.Module, val: ImageSet) -> tuple[float, float]:
     z = logits(model, val)
     loss = float(nn.functional.cross_entropy(z, val.y))
     return float((z.argmax(1) == val.y).float().mean()), -loss
+
+
+def _load(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    state = model.state_dict()
+    with torch.no_grad():
+        for n, t in values.items():
+            state[n].copy_(t)
+
+
+def _try_polarity(model, first, train, val, mask, snapshot) -> bool:
+    """Keep the first-BatchNorm-negated start if it scores better on val (see module doc)."""
+    plain, plain_score = snapshot(), _score(model, val)
+    with torch.no_grad():
+        first.weight.neg_()
+    recalibrate_batchnorm(model, train, mask)
+    if _score(model, val) > plain_score:
+        return True
+    _load(model, plain)
+    return False
 
 
 def planned_epochs(recipe: UpdateRecipe, n_train: int, epochs: int) -> int:
@@ -189,14 +228,19 @@ def adapt(
         cfg = recipe.train_config(epochs=n_epochs, seed=seed, device=device)
     else:
         cfg = dataclasses.replace(cfg, epochs=n_epochs, batch_size=recipe.batch_size, seed=seed)
-    if recipe.recalibrate_bn:
-        recalibrate_batchnorm(model, train, mask)
     has_val = val is not None and len(val) > 0
     names = _tracked_names(model, mask)
 
     def snapshot() -> dict[str, torch.Tensor]:
         state = model.state_dict()
         return {n: state[n].detach().clone() for n in names}
+
+    flipped = False
+    if recipe.recalibrate_bn:
+        recalibrate_batchnorm(model, train, mask)
+        first = _first_batchnorm(model, mask) if recipe.polarity_candidate and has_val else None
+        if first is not None and first.affine:
+            flipped = _try_polarity(model, first, train, val, mask, snapshot)
 
     steps_per_epoch = max(1, math.ceil(len(train) / recipe.batch_size))
     patience = max(1, math.ceil(recipe.patience_steps / steps_per_epoch))
@@ -217,10 +261,7 @@ def adapt(
     )
     if has_val and best["epoch"] != best["run"]:
         # load the best epoch's values (key tensors only when key-only: the rest never moved)
-        state = model.state_dict()
-        with torch.no_grad():
-            for n, t in best["state"].items():
-                state[n].copy_(t)
+        _load(model, best["state"])
     model.to("cpu").eval()
     return UpdateReport(
         seconds=rep.seconds,
@@ -230,4 +271,5 @@ def adapt(
         best_epoch=best["epoch"],
         val_start=start[0] if has_val else None,
         val_best=best["score"][0] if has_val else None,
+        polarity_flipped=flipped,
     )

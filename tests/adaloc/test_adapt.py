@@ -119,3 +119,19 @@ def test_epoch_callbacks_see_a_whole_lock_and_can_stop_training(trained_tiny, ti
     rep = fit(model, tiny_data, cfg, mask=mask, on_epoch_end=check, progress=False)
     assert seen == [start, start] and len(rep.losses) == 2
     assert outside_key_sha256(model, mask) == start
+
+
+def test_polarity_candidate_wins_on_inverted_data_only(trained_tiny, tiny_data):
+    """Re-estimated statistics + negated first BatchNorm scale undo an inversion; the val
+    split picks that start under inversion and the plain start otherwise."""
+    mask = select_key(trained_tiny, KeySpec(budget=0.3), data=tiny_data)
+    recipe = UpdateRecipe(min_steps=0, max_epochs=1, patience_steps=1, lr=1e-6)
+    flips = {}
+    for name, data in (("clean", tiny_data), ("inverted", _inverted(tiny_data))):
+        train, val, test = _split(data, 256, 128)
+        model = copy.deepcopy(trained_tiny)
+        rep = adapt(model, train, val, mask=mask, recipe=recipe, epochs=1, progress=False)
+        flips[name] = rep.polarity_flipped
+        assert outside_key_sha256(model, mask) == outside_key_sha256(trained_tiny, mask)
+        assert accuracy(model, test) > 0.9, name  # lr 1e-6: the start alone does this
+    assert flips == {"clean": False, "inverted": True}
