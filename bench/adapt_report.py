@@ -55,19 +55,25 @@ def run_table(r: dict) -> str:
 
 
 def ablation_table(runs: list[tuple[str, dict]]) -> str:
-    """Gap to full fine-tuning per update stage, one row per run (and per compared rule)."""
+    """Authorized accuracy per update stage (gap to that run's own full fine-tuning), one row
+    per run and per compared rule; a last row per run gives its full fine-tuning figures."""
     stages = [v["stage"] for v in runs[0][1]["versions"][1:]]
     lines = ["| run | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
+
+    def cells(accs, full):
+        return " | ".join(
+            f"{100 * a:.2f} ({100 * (a - f):+.2f})" for a, f in zip(accs, full, strict=True)
+        )
+
     for name, r in runs:
         full = [v["full_finetune_acc"] for v in r["versions"][1:]]
-        gaps = [
-            100 * (v["authorized_acc"] - f) for v, f in zip(r["versions"][1:], full, strict=True)
-        ]
-        lines.append(f"| {name} | " + " | ".join(f"{g:+.2f}" for g in gaps) + " |")
+        lines.append(
+            f"| {name} | " + cells([v["authorized_acc"] for v in r["versions"][1:]], full) + " |"
+        )
         for rule, row in r.get("rules", {}).items():
             accs = [v["authorized_acc"] for v in row["versions"][1:]]
-            gaps = [100 * (a - f) for a, f in zip(accs, full, strict=True)]
-            lines.append(f"| {name}, rule {rule} | " + " | ".join(f"{g:+.2f}" for g in gaps) + " |")
+            lines.append(f"| {name}, rule {rule} | " + cells(accs, full) + " |")
+        lines.append(f"| {name}: full FT | " + " | ".join(f"{100 * f:.2f}" for f in full) + " |")
     return "\n".join(lines)
 
 

@@ -110,6 +110,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="share of each update stage's training images to use (e.g. 0.1)",
     )
     p.add_argument(
+        "--train-limit", type=int, default=0, help="use only the first N training images (0 = all)"
+    )
+    p.add_argument(
+        "--test-limit", type=int, default=0, help="use only the first N test images (0 = all)"
+    )
+    p.add_argument(
         "--no-speed", action="store_true", help="skip the side-by-side samples/s measurement"
     )
     p.add_argument("--device", default="auto")
@@ -296,6 +302,10 @@ def main(args: argparse.Namespace) -> dict:
     progress = not args.no_progress
     torch.manual_seed(args.seed)
     bundle = load_dataset(args.dataset, args.data_root)
+    if args.train_limit:
+        bundle.train = bundle.train.subset(torch.arange(min(args.train_limit, len(bundle.train))))
+    if args.test_limit:
+        bundle.test = bundle.test.subset(torch.arange(min(args.test_limit, len(bundle.test))))
     shifts = tuple(s for s in args.shifts.split(",") if s)
     stages = make_stages(
         bundle,
@@ -338,6 +348,8 @@ def main(args: argparse.Namespace) -> dict:
         "base_sha256": state_sha256(chain["base"]),
         "recipe": recipe.to_dict(),
         "update_fraction": args.update_fraction,
+        "train_limit": args.train_limit,
+        "test_limit": args.test_limit,
         "versions": chain["versions"],
     }
     if not args.no_speed and len(stages) > 1:
