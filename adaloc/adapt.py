@@ -6,9 +6,9 @@ update flow. What it does, in order (each step measured in ``bench/README.md``):
 1. **BatchNorm statistics re-estimated on the new data** (AdaBN): keyed running statistics are
    reset and recomputed as a cumulative average over the stage's training images. Under a
    shift this alone recovers much of the accuracy, at the cost of one forward pass. The
-   parent's statistics stay a candidate: from a few dozen images a BatchNorm1d after a
-   linear layer gets noisy statistics (13 points lost in-distribution on digits at 22
-   images), so val decides, and the parent's start wins ties.
+   parent's statistics stay a candidate: statistics re-estimated from a few dozen images
+   are noisy (13 points lost in-distribution on digits at 22 images), so val decides, and
+   the parent's start wins ties.
 2. **A polarity candidate** (with 1.): a copy whose first BatchNorm scale is negated, then
    re-estimated, is scored on val next to the plain start and the better one is trained.
    With a bias-free stem, conv(1 - x) = conv(1) - conv(x): an input inversion is undone by
