@@ -92,8 +92,9 @@ class KeyGuard:
         for n, p in params.items():
             if n in self._pos:
                 p.requires_grad_(True)
-                keep = self._pos[n].to(p.dtype)
-                self._hooks.append(p.register_hook(lambda g, keep=keep: g * keep))
+                if not bool(self._pos[n].all()):  # a wholly keyed tensor needs no mask
+                    keep = self._pos[n].to(p.dtype)
+                    self._hooks.append(p.register_hook(lambda g, keep=keep: g * keep))
             else:
                 p.requires_grad_(False)
         # Snapshot of everything that could change. Per step only partly keyed tensors are
@@ -104,6 +105,7 @@ class KeyGuard:
             for n in self._pos
             if not bool(self._pos[n].all())
         }
+        self._flat: dict[int, torch.Tensor] = {}
         self._buffers = {
             n: (t, t.detach().clone()) for n, t in buffers.items() if n not in self._pos
         }
@@ -125,7 +127,19 @@ class KeyGuard:
     def restore(self) -> None:
         """Write the non-key values of partly keyed tensors back to their snapshot."""
         for live, pos, frozen in self._partial.values():
-            live.data[~pos] = frozen
+            # Flat positions are computed once; a tensor in another memory layout (evaluation
+            # switches conv nets to channels-last and back) takes the boolean-mask path.
+            data = live.data
+            if data.is_contiguous():
+                data.view(-1).index_copy_(0, self._flat_outside(pos), frozen)
+            else:
+                data[~pos] = frozen
+
+    def _flat_outside(self, pos: torch.Tensor) -> torch.Tensor:
+        key = id(pos)
+        if key not in self._flat:
+            self._flat[key] = (~pos).reshape(-1).nonzero().squeeze(1)
+        return self._flat[key]
 
     @torch.no_grad()
     def restore_buffers(self) -> None:
