@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from adaloc.fsutil import atomic_write_bytes
+from adaloc.fsutil import PRIVATE_FILE_MODE, atomic_write_bytes, file_mode, private_dir
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "read_json"]
+__all__ = [
+    "PRIVATE_FILE_MODE",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "file_mode",
+    "private_dir",
+    "read_json",
+]
 
 
-def atomic_write_json(path: str | Path, obj: object, *, mode: int = 0o644) -> Path:
-    """Atomically write ``obj`` as indented, key-sorted JSON."""
+def atomic_write_json(path: str | Path, obj: object, *, mode: int | None = None) -> Path:
+    """Atomically write ``obj`` as indented, key-sorted JSON (0600 unless ``mode`` says)."""
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
     return atomic_write_bytes(path, text.encode(), mode=mode)
 
