@@ -6,10 +6,8 @@ the flow's process and hand models and datasets over in memory.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from prefect import task
@@ -147,8 +145,13 @@ def train_base_ddp(cfg: PipelineConfig, nproc: int, workdir: str):
         "--out",
         str(out),
     ]
-    subprocess.run(cmd, check=True)
-    return load_file(out)
+    try:
+        subprocess.run(cmd, check=True)
+        return load_file(out)
+    finally:
+        # The fully trained model must not stay in the scratch folder once it is in memory.
+        out.unlink(missing_ok=True)
+        Path(f"{out}.json").unlink(missing_ok=True)
 
 
 @task(name="select key", **LOCAL)
@@ -240,12 +243,11 @@ def owner_key_path(owner_dir: str, version: int) -> Path:
 def keep_key(key, owner_dir: str, version: int) -> str:
     """Write the plain key into the owner's private key store (before publishing it)."""
     from adaloc.artifact import save_key
+    from adaloc.fsutil import private_dir
 
     path = owner_key_path(owner_dir, version)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    save_key(key, path)
-    os.chmod(path, 0o600)
+    private_dir(path.parent)
+    save_key(key, path)  # atomic and 0600 from the start (adaloc.fsutil)
     return str(path)
 
 
@@ -325,5 +327,7 @@ def write_temp(directory: str, name: str, text: str) -> str:
 
 
 def scratch_dir() -> str:
-    """A fresh temporary directory for a flow's files."""
-    return tempfile.mkdtemp(prefix="adaloc-")
+    """A fresh 0700 temporary folder for a flow's files, removed when the flow run ends."""
+    from pipelines.scratch import scratch_dir as _scratch
+
+    return _scratch()
