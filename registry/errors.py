@@ -39,3 +39,8 @@ class VersionConflictError(RegistryError):
 
 class UnavailableError(RegistryError):
     """The tracking server or artifact store cannot be reached (site works from cache)."""
+
+
+class BadFileError(RegistryError):
+    """A local owner or site file is empty, corrupt, of the wrong shape or kind of key, or
+    encrypted without the passphrase; the message names the file and how to fix it."""
