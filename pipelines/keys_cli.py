@@ -13,13 +13,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pipelines.registry_cli import AsJson, _emit, cli_errors, out
+from pipelines.registry_cli import AsJson, OwnerDir, _emit, cli_errors, out
 
 keys_app = typer.Typer(help="Owner signing key and the list of authorised sites.")
-
-OwnerDir = Annotated[
-    Path, typer.Option("--owner-dir", envvar="ADALOC_OWNER_DIR", help="Owner keyring folder.")
-]
 
 
 PassphraseFile = Annotated[
