@@ -217,8 +217,8 @@ class Token:
         """Parse :meth:`to_json` output."""
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TokenError(f"token data is not valid JSON: {exc}") from exc
+        except (ValueError, TypeError, RecursionError) as exc:  # incl. Unicode errors
+            raise TokenError(f"token data is not valid JSON: {str(exc)[:120]}") from exc
         return cls.from_dict(data)
 
     def to_bytes(self) -> bytes:

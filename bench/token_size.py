@@ -4,7 +4,9 @@
 
 Trains one unlocked CNN, then token-locks a copy per token size with the flows' hardened
 recipe (single_target, decoys with near misses) from the same unlocked model, and evaluates
-with / without / forged / near-miss tokens on the test set. Writes DIR/token_size.json and
+with / without / forged / near-miss tokens on the test set, plus a tolerance curve
+(accuracy with tokens that differ from the true one in exactly k cells) and the effective
+entropy it implies. Writes DIR/token_size.json and
 DIR/token_size.png. Tokens come from the OS CSPRNG (the default); they are not written.
 """
 
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -22,7 +26,13 @@ from adaloc.data import load_dataset, make_stages
 from adaloc.evaluate import accuracy
 from adaloc.models import build_model
 from adaloc.token import DEFAULT_BINARY_SIZE, Token
-from adaloc.tokenlock import NEAR_FRAC, TokenLockConfig, fit_token_lock, token_lock_metrics
+from adaloc.tokenlock import (
+    NEAR_FRAC,
+    TokenLockConfig,
+    fit_token_lock,
+    stamp_fn,
+    token_lock_metrics,
+)
 from adaloc.training import TrainConfig, fit
 
 
@@ -40,6 +50,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--pretrain-epochs", type=int, default=2)
     a("--epochs", type=int, default=2, help="token-lock epochs")
     a("--forged", type=int, default=20)
+    a(
+        "--flips",
+        default="1,2,3,4,6,8,12,16,24,36,72",
+        help="tolerance curve: accuracy with tokens that differ in exactly k cells",
+    )
+    a("--flip-tokens", type=int, default=4, help="tokens per k on the curve")
     a("--seed", type=int, default=0)
     a("--threads", type=int, default=1)
     return p
@@ -79,12 +95,54 @@ def main(args: argparse.Namespace) -> dict:
         f = token_lock_metrics(model, eval_set, token, forged=args.forged, seed=args.seed)
         m.update({k: f[k] for k in f if k.startswith(("forged_", "near_"))})
         m.update(entropy_bits=token.entropy_bits(), lock_seconds=time.perf_counter() - t1)
+        m["flip_curve"] = flip_curve(model, eval_set, token, args)
+        m["effective_bits"] = effective_bits(n, m["flip_curve"], m["forged_token_acc_max"])
         rows["sizes"][str(n)] = m
         print(json.dumps({"size": n, **m}))
     rows["seconds"] = time.perf_counter() - t0
     (out / "token_size.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot(rows, out / "token_size.png")
     return rows
+
+
+def flipped(token: Token, k: int, g: torch.Generator) -> Token:
+    """``token`` with exactly ``k`` of its cells flipped (stamped <-> black)."""
+    n = token.size
+    bits = torch.tensor(token.pixels)[0] > 0
+    cells = torch.randperm(n * n, generator=g)[:k]
+    bits.view(-1)[cells] ^= True
+    color = float(torch.tensor(token.pixels).max())
+    return dataclasses.replace(token, pixels=(color * bits.float())[None].tolist(), seed=None)
+
+
+def flip_curve(model, data, token: Token, args) -> dict[str, dict]:
+    """k -> mean/max accuracy over ``--flip-tokens`` tokens differing in exactly k cells."""
+    g = torch.Generator().manual_seed(args.seed + 7)
+    out = {}
+    for k in (int(x) for x in args.flips.split(",")):
+        if k > token.size * token.size:
+            continue
+        accs = [
+            accuracy(model, data, input_fn=stamp_fn(flipped(token, k, g), seed=args.seed))
+            for _ in range(args.flip_tokens)
+        ]
+        out[str(k)] = {"mean": sum(accs) / len(accs), "max": max(accs)}
+    return out
+
+
+def effective_bits(n: int, curve: dict, chance_acc: float) -> float:
+    """log2 of the token space divided by the tokens that still unlock.
+
+    A token at Hamming distance <= k unlocks when its max accuracy on the curve is above
+    the midpoint between chance and the true token's; the search space shrinks by the
+    number of such tokens, sum of C(n*n, i) for i <= k (an upper bound on what unlocks).
+    """
+    accs = {int(k): v["max"] for k, v in curve.items()}
+    ceiling = max(accs.values(), default=chance_acc)
+    unlocking = [k for k, a in sorted(accs.items()) if a > (chance_acc + ceiling) / 2]
+    k = max(unlocking, default=0)
+    cells = n * n
+    return cells - math.log2(sum(math.comb(cells, i) for i in range(k + 1)))
 
 
 def plot(rows: dict, path: Path) -> None:

@@ -85,24 +85,39 @@ def keys_owner_init(
 @keys_app.command("owner-check")
 @cli_errors
 def keys_owner_check(directory: OwnerDir = Path("owner"), as_json: AsJson = False) -> None:
-    """Check the owner's files: owner.key opens (passphrase from the environment), matches
-    owner.pub, and sites.json parses."""
+    """Check every owner file: owner.key opens (passphrase from the environment) and matches
+    owner.pub, sites.json parses, token.json and the kept keys/key-v*.safetensors load."""
+    from adaloc.artifact import load_key
+    from adaloc.token import Token
+    from registry.errors import BadFileError
     from registry.keyfiles import OWNER_PRIVATE_FILE, is_encrypted, key_fingerprint, public_pem_of
     from registry.sites import OwnerKeyring
 
     keyring = OwnerKeyring(directory)
     pub = keyring.owner_public_pem
     if public_pem_of(keyring.signing_key()) != pub:
-        from registry.errors import BadFileError
-
         raise BadFileError(f"{directory}/owner.key and owner.pub are not one key pair")
+    token = Path(directory) / "token.json"
+    keys = sorted((Path(directory) / "keys").glob("key-v*.safetensors"))
+    for path in keys:
+        load_key(path)
     info = {
         "directory": str(directory),
         "owner_key": key_fingerprint(pub),
         "encrypted": is_encrypted(Path(directory) / OWNER_PRIVATE_FILE),
         "sites": len(keyring.sites()),
+        "token": Token.load(token).fingerprint()[:12] if token.exists() else None,
+        "kept_keys": len(keys),
     }
-    _emit(info, as_json, lambda d: out.print(f"owner key {d['owner_key']} OK ({d['sites']} sites)"))
+    _emit(
+        info,
+        as_json,
+        lambda d: out.print(
+            f"owner key {d['owner_key']} OK ({d['sites']} sites, {d['kept_keys']} kept keys"
+            + (", token" if d["token"] else "")
+            + ")"
+        ),
+    )
 
 
 @keys_app.command("site-add")
