@@ -62,8 +62,8 @@ def keys_owner_init(
     as_json: AsJson = False,
 ) -> None:
     """Create the owner's Ed25519 signing key (owner.key 0600) and an empty site list."""
+    from registry.keyring import OwnerKeyring
     from registry.sealing import key_fingerprint
-    from registry.sites import OwnerKeyring
 
     passphrase = _new_passphrase(encrypt, passphrase_file)
     keyring = OwnerKeyring.init(directory, overwrite=force, passphrase=passphrase)
@@ -91,7 +91,7 @@ def keys_owner_check(directory: OwnerDir = Path("owner"), as_json: AsJson = Fals
     from adaloc.token import Token
     from registry.errors import BadFileError
     from registry.keyfiles import OWNER_PRIVATE_FILE, is_encrypted, key_fingerprint, public_pem_of
-    from registry.sites import OwnerKeyring
+    from registry.keyring import OwnerKeyring
 
     keyring = OwnerKeyring(directory)
     pub = keyring.owner_public_pem
@@ -129,7 +129,7 @@ def keys_site_add(
     as_json: AsJson = False,
 ) -> None:
     """Authorise a site: later key versions are sealed for it."""
-    from registry.sites import OwnerKeyring
+    from registry.keyring import OwnerKeyring
 
     entry = OwnerKeyring(directory).add_site(site_id, public_key).to_dict(with_key=False)
     _emit(entry, as_json, lambda d: out.print(f"added site {d['site_id']} ({d['fingerprint']})"))
@@ -139,7 +139,7 @@ def keys_site_add(
 @cli_errors
 def keys_site_ls(directory: OwnerDir = Path("owner"), as_json: AsJson = False) -> None:
     """List authorised and revoked sites."""
-    from registry.sites import OwnerKeyring
+    from registry.keyring import OwnerKeyring
 
     rows = [s.to_dict(with_key=False) for s in OwnerKeyring(directory).sites()]
 
@@ -162,7 +162,7 @@ def keys_site_revoke(
     as_json: AsJson = False,
 ) -> None:
     """Revoke a site: key versions published from now on are not sealed for it."""
-    from registry.sites import OwnerKeyring
+    from registry.keyring import OwnerKeyring
 
     entry = OwnerKeyring(directory).revoke_site(site_id).to_dict(with_key=False)
     _emit(entry, as_json, lambda d: out.print(f"revoked site {d['site_id']} at {d['revoked_at']}"))

@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from adaloc.artifact import encode_base, save_key
 from adaloc.token import Token
 from registry.keyfiles import _private_pem, _public_pem
+from registry.keyring import OwnerKeyring
 from registry.mlflow_io import embedded_uris
 from registry.site import Site
-from registry.sites import OwnerKeyring
 from registry.store import KeyRegistry
 from tests.registry.conftest import make_locked, publish
 

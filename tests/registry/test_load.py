@@ -49,8 +49,8 @@ def _worker(dirs: list[str], start) -> list[dict]:
 
 
 def test_fifty_sites_pull_concurrently(mlflow_server, tmp_path):
+    from registry.keyring import OwnerKeyring
     from registry.site import Site
-    from registry.sites import OwnerKeyring
     from registry.store import KeyRegistry
 
     lm = make_locked(tmp_path, seed=5, versions=1)

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from registry.errors import IntegrityError, NotAuthorizedError, RegistryError, SignatureError
+from registry.keyring import OwnerKeyring
 from registry.sealing import (
     MAGIC,
     generate_site_keys,
@@ -19,7 +20,6 @@ from registry.sealing import (
     read_header,
     verify_sealed,
 )
-from registry.sites import OwnerKeyring
 
 HEADER = {"key_version": 1, "parent": None, "base_sha256": "ab" * 32, "model_sha256": None}
 
