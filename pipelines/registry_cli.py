@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from pipelines.settings import DEFAULTS, ENV
+
 registry_app = typer.Typer(help="Inspect and promote key versions in the MLflow registry.")
 site_app = typer.Typer(help="Deployment site: init, pull key versions, status.")
 keys_app = typer.Typer(help="Owner signing key and the list of authorised sites.")
@@ -30,22 +32,25 @@ TrackingUri = Annotated[
     str | None,
     typer.Option(
         "--tracking-uri",
-        envvar=["ADALOC_TRACKING_URI", "MLFLOW_TRACKING_URI"],
+        envvar=list(ENV["tracking_uri"]),
         help="MLflow tracking URI; default: embedded sqlite under --root.",
     ),
 ]
-RegistryUri = Annotated[str | None, typer.Option("--registry-uri", help="Defaults to tracking.")]
+RegistryUri = Annotated[
+    str | None,
+    typer.Option("--registry-uri", envvar=list(ENV["registry_uri"]), help="Defaults to tracking."),
+]
 Root = Annotated[
-    Path, typer.Option("--root", envvar="ADALOC_REGISTRY_ROOT", help="Embedded registry folder.")
+    Path, typer.Option("--root", envvar=list(ENV["home"]), help="Embedded registry folder.")
 ]
 ModelName = Annotated[
-    str, typer.Option("--model", "-m", envvar="ADALOC_MODEL", help="Locked model name.")
+    str, typer.Option("--model", "-m", envvar=list(ENV["model_name"]), help="Locked model name.")
 ]
 OwnerDir = Annotated[
-    Path, typer.Option("--owner-dir", envvar="ADALOC_OWNER_DIR", help="Owner keyring folder.")
+    Path, typer.Option("--owner-dir", envvar=list(ENV["owner_dir"]), help="Owner keyring folder.")
 ]
 SiteDir = Annotated[
-    Path, typer.Option("--dir", "-d", envvar="ADALOC_SITE_DIR", help="Site folder.")
+    Path, typer.Option("--dir", "-d", envvar=list(ENV["site_dir"]), help="Site folder.")
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 
@@ -59,7 +64,19 @@ def _quiet_mlflow() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-_REMOTE_ERROR_MODULES = ("mlflow", "requests", "botocore", "boto3", "urllib3")
+# Exceptions raised by these packages are remote (tracking server, S3): one line, exit 1.
+_REMOTE_ERROR_MODULES = ("mlflow", "requests", "botocore", "boto3", "s3transfer", "urllib3")
+
+
+def _is_remote(e: BaseException) -> bool:
+    """A transport error (or one caused by it): a network fault, a server, S3."""
+    while e is not None:
+        if isinstance(e, ConnectionError | TimeoutError):
+            return True
+        if type(e).__module__.split(".")[0] in _REMOTE_ERROR_MODULES:
+            return True
+        e = e.__cause__
+    return False
 
 
 def cli_errors(fn):
@@ -74,13 +91,8 @@ def cli_errors(fn):
             return fn(*args, **kwargs)
         except (AdalocError, FileExistsError, FileNotFoundError, PermissionError) as e:
             err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-        except Exception as e:  # noqa: BLE001 - MLflow/requests errors, still one line
-            if type(e).__module__.split(".")[0] not in (
-                "mlflow",
-                "requests",
-                "botocore",
-                "urllib3",
-            ):
+        except Exception as e:  # noqa: BLE001 - MLflow/requests/boto errors, still one line
+            if not _is_remote(e):
                 raise
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             err.print(f"error: registry unavailable: {first}", markup=False, soft_wrap=True)
@@ -130,10 +142,10 @@ def _show(d: dict) -> None:
 @registry_app.command("ls")
 @cli_errors
 def registry_ls(
-    model: ModelName = "adaloc",
+    model: ModelName = DEFAULTS.model_name,
     tracking_uri: TrackingUri = None,
     registry_uri: RegistryUri = None,
-    root: Root = Path("runs/registry"),
+    root: Root = DEFAULTS.home,
     as_json: AsJson = False,
 ) -> None:
     """List ready key versions with parent, aliases, base and sizes."""
@@ -146,10 +158,10 @@ def registry_ls(
 @cli_errors
 def registry_show(
     ref: Annotated[str, typer.Argument(help="Key version number or alias.")] = "production",
-    model: ModelName = "adaloc",
+    model: ModelName = DEFAULTS.model_name,
     tracking_uri: TrackingUri = None,
     registry_uri: RegistryUri = None,
-    root: Root = Path("runs/registry"),
+    root: Root = DEFAULTS.home,
     as_json: AsJson = False,
 ) -> None:
     """Show one key version: tags, aliases and its run's metrics."""
@@ -161,10 +173,10 @@ def registry_show(
 @cli_errors
 def registry_lineage(
     ref: Annotated[str, typer.Argument(help="Key version number or alias.")] = "production",
-    model: ModelName = "adaloc",
+    model: ModelName = DEFAULTS.model_name,
     tracking_uri: TrackingUri = None,
     registry_uri: RegistryUri = None,
-    root: Root = Path("runs/registry"),
+    root: Root = DEFAULTS.home,
     as_json: AsJson = False,
 ) -> None:
     """A key version and its ancestors back to version 1."""
@@ -177,10 +189,10 @@ def registry_lineage(
 def registry_promote(
     ref: Annotated[str, typer.Argument(help="Key version number or alias.")],
     alias: Annotated[str, typer.Option("--alias", "-a")] = "production",
-    model: ModelName = "adaloc",
+    model: ModelName = DEFAULTS.model_name,
     tracking_uri: TrackingUri = None,
     registry_uri: RegistryUri = None,
-    root: Root = Path("runs/registry"),
+    root: Root = DEFAULTS.home,
     as_json: AsJson = False,
 ) -> None:
     """Move an alias (default: production) to a key version."""
@@ -195,10 +207,10 @@ def registry_verify(
     owner_pub: Annotated[
         Path | None, typer.Option("--owner-pub", help="owner.pub to check signatures.")
     ] = None,
-    model: ModelName = "adaloc",
+    model: ModelName = DEFAULTS.model_name,
     tracking_uri: TrackingUri = None,
     registry_uri: RegistryUri = None,
-    root: Root = Path("runs/registry"),
+    root: Root = DEFAULTS.home,
     as_json: AsJson = False,
 ) -> None:
     """Re-check the stored sealed key: sha256, header vs tags, base, owner signature."""
@@ -215,11 +227,11 @@ def registry_verify(
 def site_init(
     site_id: Annotated[str, typer.Option("--site-id", help="Name the owner knows this site by.")],
     owner_pub: Annotated[Path, typer.Option("--owner-pub", help="The owner's owner.pub.")],
-    directory: SiteDir = Path("site"),
-    model: ModelName = "adaloc",
+    directory: SiteDir = DEFAULTS.site_dir,
+    model: ModelName = DEFAULTS.model_name,
     tracking_uri: TrackingUri = None,
     registry_uri: RegistryUri = None,
-    root: Root = Path("runs/registry"),
+    root: Root = DEFAULTS.home,
     force: Annotated[bool, typer.Option("--force", help="Re-create keys and config.")] = False,
     as_json: AsJson = False,
 ) -> None:
@@ -269,7 +281,7 @@ class _RichProgress:
 @cli_errors
 def site_pull(
     ref: Annotated[str, typer.Argument(help="Key version number or alias.")] = "production",
-    directory: SiteDir = Path("site"),
+    directory: SiteDir = DEFAULTS.site_dir,
     allow_rollback: Annotated[bool, typer.Option("--allow-rollback")] = False,
     as_json: AsJson = False,
 ) -> None:
@@ -302,7 +314,7 @@ def site_pull(
 @site_app.command("status")
 @cli_errors
 def site_status(
-    directory: SiteDir = Path("site"),
+    directory: SiteDir = DEFAULTS.site_dir,
     offline: Annotated[bool, typer.Option("--offline", help="Use the cached list only.")] = False,
     as_json: AsJson = False,
 ) -> None:
@@ -337,7 +349,7 @@ def site_status(
 @keys_app.command("owner-init")
 @cli_errors
 def keys_owner_init(
-    directory: OwnerDir = Path("owner"),
+    directory: OwnerDir = DEFAULTS.owner,
     force: Annotated[bool, typer.Option("--force", help="Replace existing owner keys.")] = False,
     as_json: AsJson = False,
 ) -> None:
@@ -355,7 +367,7 @@ def keys_owner_init(
 def keys_site_add(
     site_id: Annotated[str, typer.Argument(help="Site id (as given to `site init`).")],
     public_key: Annotated[Path, typer.Argument(help="The site's site.pub.")],
-    directory: OwnerDir = Path("owner"),
+    directory: OwnerDir = DEFAULTS.owner,
     as_json: AsJson = False,
 ) -> None:
     """Authorise a site: later key versions are sealed for it."""
@@ -367,7 +379,7 @@ def keys_site_add(
 
 @keys_app.command("site-ls")
 @cli_errors
-def keys_site_ls(directory: OwnerDir = Path("owner"), as_json: AsJson = False) -> None:
+def keys_site_ls(directory: OwnerDir = DEFAULTS.owner, as_json: AsJson = False) -> None:
     """List authorised and revoked sites."""
     from registry.sites import OwnerKeyring
 
@@ -388,7 +400,7 @@ def keys_site_ls(directory: OwnerDir = Path("owner"), as_json: AsJson = False) -
 @cli_errors
 def keys_site_revoke(
     site_id: Annotated[str, typer.Argument(help="Site id to revoke.")],
-    directory: OwnerDir = Path("owner"),
+    directory: OwnerDir = DEFAULTS.owner,
     as_json: AsJson = False,
 ) -> None:
     """Revoke a site: key versions published from now on are not sealed for it."""

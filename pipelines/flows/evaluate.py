@@ -10,15 +10,19 @@ from prefect import flow
 from pipelines import plots
 from pipelines import tasks as T
 from pipelines import token_tasks as TT
+from pipelines.config import PipelineConfig
 from pipelines.flows.common import gate, open_registry, read_config, report, run_name
 
 
 @flow(name="evaluate", flow_run_name=run_name("evaluate"), log_prints=True)
 def evaluate_flow(
-    config_path: str | None = None, overrides: dict | None = None, ref: str = "production"
+    config_path: str | None = None,
+    overrides: dict | None = None,
+    ref: str = "production",
+    config: PipelineConfig | None = None,
 ) -> dict:
     """Evaluate key version ``ref`` (number or alias) on the test data of its stage."""
-    cfg = read_config(config_path, overrides)
+    cfg = read_config(config_path, overrides, config)
     registry = open_registry(cfg)
     work = T.scratch_dir()
 
