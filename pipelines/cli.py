@@ -119,20 +119,29 @@ def demo(
     _prefect_env(quiet=True)
     from pipelines.demo import run_demo
 
+    cfg = demo_config(
+        config, sets, dataset=dataset, model=model, updates=updates, epochs=epochs,
+        key_budget=key_budget,
+    )  # fmt: skip
+    run_demo(out, cfg, force=force)
+
+
+def demo_config(
+    config: Path | None, sets: list[str] | None, *, key_budget: float | None = None, **flags
+):
+    """The demo's config: its defaults < the config file < the flags given < ``-s``."""
+    epochs = flags.get("epochs")
     cfg = _config(
         config,
         sets,
         defaults=DEMO_DEFAULTS,
-        dataset=dataset,
-        model=model,
-        updates=updates,
-        epochs=epochs,
         key_epochs=epochs,
         key={"budget": key_budget} if key_budget is not None else None,
+        **flags,
     )
     if "name" not in _explicit_fields(config, sets):  # one registered model per dataset
         cfg = cfg.replace(name="adaloc-" + cfg.dataset.split(":")[0].replace("_", "-"))
-    run_demo(out, cfg, force=force)
+    return cfg
 
 
 def _explicit_fields(config: Path | None, sets: list[str] | None) -> set[str]:

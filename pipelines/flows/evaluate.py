@@ -32,10 +32,12 @@ def evaluate_flow(
     base = T.download_base(registry, kv.base_sha256, f"{work}/base")
     key = T.load_owner_key(cfg.owner_dir, kv.version)
     metrics = T.evaluate(base, key, stage.test, version=kv.version, seed=cfg.seed)
-    if cfg.token:
-        tf = TT.two_factor(base, key, stage.test, TT.load_token(cfg))
+    token = TT.load_token(cfg) if cfg.token else None
+    if token is not None:
+        tf = TT.two_factor(base, key, stage.test, token)
         metrics = TT.with_two_factor(metrics, tf)
-    classes = T.per_class(T.restore(base, key), stage.test, bundle.num_classes)
+    # "authorized" = key and token: a token-locked model is scored on stamped inputs
+    classes = T.per_class(T.restore(base, key), stage.test, bundle.num_classes, token)
     passed, reasons = gate(metrics, cfg)
 
     title = f"{cfg.name} key v{kv.version} ({stage.name})"
