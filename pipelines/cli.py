@@ -10,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from pipelines.registry_cli import cli_errors, keys_app, registry_app, site_app
+from pipelines.registry_cli import SiteDir, cli_errors, keys_app, registry_app, site_app
+from pipelines.settings import DEFAULTS
 
 app = typer.Typer(
     help="Adaptable model usage control: lock a model, publish key versions, pull at sites.",
@@ -227,3 +228,29 @@ def config_cmd(
         return
     cfg = _config(config, sets)
     typer.echo(cfg.to_toml() if toml else cfg.to_json())
+
+
+@app.command("serve")
+@cli_errors
+def serve_cmd(
+    directory: SiteDir = DEFAULTS.site_dir,
+    host: Annotated[str, typer.Option(help="Address to bind (keep 127.0.0.1 behind a proxy).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    poll: Annotated[
+        float, typer.Option(help="Seconds between registry checks (0 = only POST /admin/pull).")
+    ] = 30.0,
+    ref: Annotated[str, typer.Option(help="Key version or alias to follow.")] = "production",
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N]")] = None,
+) -> None:
+    """Serve the site's model over HTTP (/predict, /healthz, /version, /metrics) and hot-swap
+    each verified new key version without a restart."""
+    _quiet_env()
+    from pipelines.serve import serve
+
+    serve(directory, host=host, port=port, poll_s=poll, ref=ref, device=device)
+
+
+def _quiet_env() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
