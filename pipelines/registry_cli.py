@@ -109,12 +109,22 @@ def _emit(obj, as_json: bool, render) -> None:
 
 
 def _registry(tracking_uri: str | None, registry_uri: str | None, root: Path, model: str):
+    from registry.errors import NotFoundError
     from registry.mlflow_io import embedded_uris
     from registry.store import KeyRegistry
 
     location = None
     if tracking_uri is None:
+        if not (root / "mlflow.db").is_file():
+            raise NotFoundError(
+                f"no registry at {root} ({root / 'mlflow.db'} does not exist); pass --root or "
+                "--tracking-uri of an existing registry"
+            )
         tracking_uri, location = embedded_uris(root)
+    elif tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).is_file():
+        raise NotFoundError(
+            f"registry database {tracking_uri[10:]} does not exist; check --tracking-uri"
+        )
     return KeyRegistry(tracking_uri, model, artifact_location=location, registry_uri=registry_uri)
 
 
@@ -189,15 +199,92 @@ def registry_lineage(
 def registry_promote(
     ref: Annotated[str, typer.Argument(help="Key version number or alias.")],
     alias: Annotated[str, typer.Option("--alias", "-a")] = "production",
+    owner_dir: OwnerDir = DEFAULTS.owner,
+    co_signer: Annotated[
+        list[Path] | None,
+        typer.Option("--co-signer", help="Another owner keyring folder (2-key promotion)."),
+    ] = None,
+    override_gate: Annotated[
+        bool, typer.Option("--override-gate", help="Promote a version that failed the gate.")
+    ] = False,
     model: ModelName = DEFAULTS.model_name,
     tracking_uri: TrackingUri = None,
     registry_uri: RegistryUri = None,
     root: Root = DEFAULTS.home,
     as_json: AsJson = False,
 ) -> None:
-    """Move an alias (default: production) to a key version."""
-    kv = _registry(tracking_uri, registry_uri, root, model).set_alias(alias, ref)
-    _emit(kv.to_dict(), as_json, lambda d: out.print(f"{alias} -> key version {d['version']}"))
+    """Sign "ALIAS (default production) = key version REF" with the owner key."""
+    from registry.sites import OwnerKeyring
+
+    owner = OwnerKeyring(owner_dir)
+    kw = {}
+    if alias == "production":
+        kw = {"co_signers": [OwnerKeyring(d) for d in co_signer or []],
+              "gate_override": override_gate}  # fmt: skip
+    reg = _registry(tracking_uri, registry_uri, root, model)
+    kv = reg.set_alias(alias, ref, owner=owner, **kw)
+    _emit(
+        kv.to_dict(),
+        as_json,
+        lambda d: out.print(f"{alias} -> key version {d['version']} (signed)"),
+    )
+
+
+@registry_app.command("sign-timestamp")
+@cli_errors
+def registry_sign_timestamp(
+    owner_dir: OwnerDir = DEFAULTS.owner,
+    model: ModelName = DEFAULTS.model_name,
+    tracking_uri: TrackingUri = None,
+    registry_uri: RegistryUri = None,
+    root: Root = DEFAULTS.home,
+    as_json: AsJson = False,
+) -> None:
+    """Re-sign the timestamp record (new expiry); the retrain flow does this on schedule."""
+    from registry.sites import OwnerKeyring
+
+    counter = _registry(tracking_uri, registry_uri, root, model).sign_timestamp(
+        OwnerKeyring(owner_dir)
+    )
+    _emit(
+        {"counter": counter},
+        as_json,
+        lambda d: out.print(f"timestamp signed, counter {d['counter']}"),
+    )
+
+
+@registry_app.command("rotate-key")
+@cli_errors
+def registry_rotate_key(
+    new_owner_dir: Annotated[
+        Path, typer.Argument(help="Keyring folder holding the new owner.key.")
+    ],
+    owner_dir: OwnerDir = DEFAULTS.owner,
+    add_key: Annotated[
+        list[Path] | None, typer.Option("--add-key", help="Another owner.pub to name in root.")
+    ] = None,
+    promote_threshold: Annotated[int, typer.Option(help="Signatures a promotion needs.")] = 1,
+    revoke: Annotated[
+        bool, typer.Option("--revoke", help="Old key compromised: refuse what it sealed.")
+    ] = False,
+    model: ModelName = DEFAULTS.model_name,
+    tracking_uri: TrackingUri = None,
+    registry_uri: RegistryUri = None,
+    root: Root = DEFAULTS.home,
+    as_json: AsJson = False,
+) -> None:
+    """Rotate the owner signing key: a new root record signed by the old and the new key."""
+    from registry.release import rotate_root
+    from registry.sites import OwnerKeyring
+
+    reg = _registry(tracking_uri, registry_uri, root, model)
+    new_root = rotate_root(
+        reg, OwnerKeyring(owner_dir), OwnerKeyring(new_owner_dir),
+        add_public=[p.read_bytes() for p in add_key or []],
+        promote_threshold=promote_threshold, revoke_old=revoke,
+    )  # fmt: skip
+    info = {"root_version": new_root.version, "keys": sorted(new_root.keys)}
+    _emit(info, as_json, lambda d: out.print(f"root v{d['root_version']} names keys {d['keys']}"))
 
 
 @registry_app.command("verify")
@@ -205,7 +292,7 @@ def registry_promote(
 def registry_verify(
     ref: Annotated[str, typer.Argument(help="Key version number or alias.")] = "production",
     owner_pub: Annotated[
-        Path | None, typer.Option("--owner-pub", help="owner.pub to check signatures.")
+        Path | None, typer.Option("--owner-pub", help="The owner's owner.pub (required).")
     ] = None,
     model: ModelName = DEFAULTS.model_name,
     tracking_uri: TrackingUri = None,
@@ -213,8 +300,16 @@ def registry_verify(
     root: Root = DEFAULTS.home,
     as_json: AsJson = False,
 ) -> None:
-    """Re-check the stored sealed key: sha256, header vs tags, base, owner signature."""
-    pem = owner_pub.read_bytes() if owner_pub else None
+    """Check a key version as a site would: signed records, stored key, owner signature."""
+    from registry.errors import TrustError
+    from registry.site_files import load_owner_pem
+
+    if owner_pub is None:
+        raise TrustError(
+            "verify needs the owner's public key (--owner-pub owner.pub); without a trusted "
+            "key nothing can be verified"
+        )
+    pem = load_owner_pem(owner_pub)
     report = _registry(tracking_uri, registry_uri, root, model).verify(ref, owner_public_pem=pem)
     _emit(report, as_json, lambda r: out.print(f"key version {r['version']} OK: {r['checks']}"))
 
@@ -236,16 +331,17 @@ def site_init(
     as_json: AsJson = False,
 ) -> None:
     """Create a site: its key pair (site.key 0600) and config; prints site.pub's path."""
-    from registry.mlflow_io import embedded_uris
     from registry.site import Site
+    from registry.site_files import load_owner_pem
 
-    uri = tracking_uri or embedded_uris(root)[0]
+    pem = load_owner_pem(owner_pub)  # checked before anything is created
+    uri = tracking_uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
     site = Site.init(
         directory,
         site_id=site_id,
         tracking_uri=uri,
         model_name=model,
-        owner_public_pem=owner_pub.read_bytes(),
+        owner_public_pem=pem,
         registry_uri=registry_uri,
         overwrite=force,
     )
@@ -309,6 +405,23 @@ def site_pull(
         )
 
     _emit(result.to_dict(), as_json, render)
+
+
+@site_app.command("export")
+@cli_errors
+def site_export(
+    directory: SiteDir = DEFAULTS.site_dir,
+    output: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Default: DIR/model/model.safetensors.")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Write the full authorized model (base + installed key), checked against the owner's
+    signed sha256; 0600 in a 0700 folder."""
+    from registry.site import Site
+
+    info = Site(directory).export(output)
+    _emit(info, as_json, lambda d: out.print(f"key version {d['version']} -> {d['path']}"))
 
 
 @site_app.command("status")

@@ -94,8 +94,6 @@ class LoadedModel:
 
 def installed_files(site) -> InstalledFiles:
     """The one place that knows a site's folder layout (``registry.site``)."""
-    if not hasattr(site, "installed_set"):  # TEMP: pre-"site layout" sites (full model file)
-        return _installed_files_v1(site)
     s = site.installed_set(verify=True)
     if s is None:
         raise NotFoundError(f"nothing is installed in {site.directory}; run `adaloc site pull`")
@@ -103,26 +101,6 @@ def installed_files(site) -> InstalledFiles:
     return InstalledFiles(
         s.version, s.base_path, s.key_path.read_bytes(), s.card_path.read_bytes(), token,
         s.base_sha256, s.model_sha256,
-    )  # fmt: skip
-
-
-def _installed_files_v1(site) -> InstalledFiles:
-    from registry.sealing import OWNER_PUBLIC_FILE, SITE_PRIVATE_FILE, load_private_key, open_sealed
-
-    st = site.installed()
-    if st is None:
-        raise NotFoundError(f"nothing is installed in {site.directory}; run `adaloc site pull`")
-    d = site.directory
-    _, parts = open_sealed(
-        (d / "cache" / "keys" / f"v{st['version']}.sealed").read_bytes(),
-        site_id=site.config["site_id"],
-        site_private_key=load_private_key(d / SITE_PRIVATE_FILE),
-        owner_public_pem=(d / OWNER_PUBLIC_FILE).read_bytes(),
-    )
-    return InstalledFiles(
-        st["version"], d / "cache" / "bases" / st["base_sha256"] / "base.safetensors",
-        parts["key"], (d / "model" / "model.json").read_bytes(), parts.get("token"),
-        st["base_sha256"], st["model_sha256"],
     )  # fmt: skip
 
 
