@@ -55,7 +55,7 @@ class Owner:
         key = self.keys[version]
         return reg.publish_key(
             key, owner=keyring, model_sha256=state_sha256(unlock(self.base, key)),
-            parent=key.parent, aliases=("production",),
+            parent=key.parent, aliases=("production",), gate=True,
         )  # fmt: skip
 
 
@@ -152,6 +152,23 @@ def test_bad_inputs_are_one_clear_422(world, server):
         assert r.status_code == 422 and "\n" not in r.json()["detail"], r.text
     r = httpx.post(f"{url}/admin/pull", timeout=60)
     assert r.status_code == 200 and r.json() == {"changed": False, "key_version": 1, "previous": 1}
+
+
+def test_readme_loader_snippet_runs(world, server, capsys):
+    """The README's "Using the installed model" lines, verbatim but for the site path."""
+    from tests.pipelines.conftest import REPO
+
+    owner, _, _, site = world
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("### Using the installed model", 1)[1].split("```python\n", 1)[1]
+    code = block.split("```", 1)[0].replace("/srv/site", str(site.directory))
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    served = scope["served"]
+    assert served.version == 1 and not served.model.training
+    assert capsys.readouterr().out.startswith("1 [")
+    assert torch.allclose(served.logits(owner.x), owner.logits(1), rtol=0, atol=1e-5)
+    assert site.load_model().version == 1
 
 
 def test_hot_swap_under_load_and_refused_tamper(world, server, s3_endpoint):

@@ -1,0 +1,79 @@
+"""README "How a site pulls", run as written with the default locations: owner-init,
+site init, keys site-add, `adaloc lock`, site pull, site status (real `mlflow server` + S3 and
+a real Prefect server on loopback; paths and the server address substituted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.pipelines.conftest import REPO, tiny_overrides
+
+pytestmark = pytest.mark.slow
+ADALOC = str(Path(sys.executable).with_name("adaloc"))
+
+
+def readme_commands() -> list[str]:
+    """The section's command lines (continuations joined; `who runs: CMD` comments too)."""
+    text = (REPO / "README.md").read_text().split("## How a site pulls", 1)[1]
+    block = text.split("```\n", 2)[1]
+    lines, pending = [], ""
+    for raw in block.splitlines():
+        line = pending + raw.strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        if line.startswith("#"):
+            if "who runs: " in line:
+                lines.append(line.split("who runs: ", 1)[1].strip())
+            continue
+        if line:
+            lines.append(line.split("  #", 1)[0].strip())
+    return lines
+
+
+def test_readme_site_walkthrough_then_lock(tmp_path, mlflow_server, prefect_server):
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    site_dir = tmp_path / "srv" / "site"
+    tiny = {k: v for k, v in tiny_overrides(tmp_path).items()
+            if k not in ("name", "tracking_uri", "artifact_location", "owner_dir")}  # fmt: skip
+    (cwd / "tiny.json").write_text(json.dumps(tiny))
+    env = {**os.environ, **prefect_server.env, "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri,
+           "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # fmt: skip
+    for var in ("ADALOC_HOME", "ADALOC_OWNER_DIR", "ADALOC_MODEL", "ADALOC_SITE_DIR"):
+        env.pop(var, None)
+    commands = readme_commands()
+    assert [c.split()[:3] for c in commands][:3] == [
+        ["adaloc", "keys", "owner-init"], ["adaloc", "site", "init"],
+        ["adaloc", "keys", "site-add"],
+    ]  # fmt: skip
+    outputs = []
+    for command in commands:
+        line = command.replace("/srv/site", str(site_dir)).replace(
+            "http://mlflow.internal:5000", mlflow_server.tracking_uri
+        )
+        args = shlex.split(line)
+        if args[:2] == ["adaloc", "lock"]:
+            args += ["-c", "tiny.json"]  # a small training run; every location is a default
+        if args[:3] == ["adaloc", "site", "init"]:  # the owner handed over owner.pub
+            shutil.copy(cwd / "runs" / "owner" / "owner.pub", cwd / "owner.pub")
+        if args[:3] == ["adaloc", "keys", "site-add"]:  # the site sent site.pub
+            shutil.copy(site_dir / "site.pub", cwd / "site.pub")
+        proc = subprocess.run([ADALOC, *args[1:]], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, f"{line}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        outputs.append(proc.stdout)
+    assert (cwd / "runs" / "owner" / "owner.key").exists()  # the default keyring, used by all
+    assert "key version 1" in outputs[-2], outputs[-2]
+    cmd = [ADALOC, "site", "status", "--dir", str(site_dir), "--json"]
+    status = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert json.loads(status.stdout)["installed"]["version"] == 1, status.stdout
