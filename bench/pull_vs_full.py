@@ -367,6 +367,7 @@ def main(args) -> dict:
     from registry.local_servers import mlflow_server, moto_s3, shaped_link
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    torch.set_num_threads(1)  # a shared machine: ratios side by side, not peak throughput
     links = parse_links(args.links)
     with contextlib.ExitStack() as stack:
         work = Path(args.workdir or stack.enter_context(tempfile.TemporaryDirectory()))

@@ -4,6 +4,7 @@ registry author's ``registry``, ``site`` and ``keys`` sub-commands."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -31,6 +32,28 @@ def _settings(ctx: typer.Context) -> None:
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    ctx.default_map = _shared_defaults(ctx.command, ctx.obj)
+
+
+def _shared_defaults(root, settings) -> dict:
+    """Click default_map for the registry/site/keys/serve options from the settings, so
+    ``ADALOC_HOME`` moves the keyring and the store for every command at once (a flag or the
+    option's own environment variable still wins)."""
+    by_flag = {
+        "--owner-dir": settings.owner,
+        "--root": settings.home,
+        "--dir": settings.site_dir,
+        "--model": settings.model_name,
+    }
+
+    def defaults(command) -> dict:
+        return {p.name: str(by_flag[o]) for p in command.params for o in p.opts if o in by_flag}
+
+    out: dict = {"serve": defaults(root.commands["serve"])}
+    for name in ("registry", "site", "keys"):
+        group = root.commands[name]
+        out[name] = {cname: defaults(c) for cname, c in group.commands.items()}
+    return out
 
 
 app.add_typer(registry_app, name="registry")
@@ -53,6 +76,22 @@ def _prefect_env(quiet: bool = False) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if quiet:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+class _NoTraceback(logging.Filter):
+    """Prefect's console shows an error as one line; the full traceback still goes to the
+    Prefect API's run log, whose handler formats the record before the console does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _one_line_console() -> None:
+    """Call after Prefect is imported (its logging is configured then)."""
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler":
+            handler.addFilter(_NoTraceback())
 
 
 def _config(config: Path | None, sets: list[str] | None, defaults: dict | None = None, **flags):
@@ -118,7 +157,11 @@ def demo(
     """Lock -> key-only updates -> a site pulls each version -> evaluation; prints a table
     and the MLflow UI command, writes OUT/summary.json."""
     _prefect_env(quiet=True)
+    import prefect  # noqa: F401 - configures Prefect's logging, filtered next
+
     from pipelines.demo import run_demo
+
+    _one_line_console()
 
     cfg = demo_config(
         config, sets, dataset=dataset, model=model, updates=updates, epochs=epochs,
@@ -163,6 +206,8 @@ def lock_cmd(
     _prefect_env()
     from pipelines.flows.lock import lock_flow
 
+    _one_line_console()
+
     _print(lock_flow(config=_config(config, sets), nproc=nproc))
 
 
@@ -176,6 +221,8 @@ def update_cmd(
     """Publish the next key version trained key-only (Prefect flow `update`)."""
     _prefect_env()
     from pipelines.flows.update import update_flow
+
+    _one_line_console()
 
     _print(update_flow(config=_config(config, sets), promote=promote))
 
@@ -191,6 +238,8 @@ def evaluate_cmd(
     _prefect_env()
     from pipelines.flows.evaluate import evaluate_flow
 
+    _one_line_console()
+
     _print(evaluate_flow(config=_config(config, sets), ref=ref))
 
 
@@ -200,6 +249,8 @@ def retrain_cmd(config: ConfigPath = None, sets: Set = None) -> None:
     """Update + evaluate + promote only when the DVC data version changed (flow `retrain`)."""
     _prefect_env()
     from pipelines.flows.retrain import retrain_flow
+
+    _one_line_console()
 
     _print(retrain_flow(config=_config(config, sets)))
 

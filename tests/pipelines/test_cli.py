@@ -82,11 +82,19 @@ def test_config_command_lists_fields_and_round_trips(home, tmp_path):
     assert again.exit_code == 0 and '"token": "binary"' in again.stdout
 
 
-def test_registry_commands_use_the_flows_store(home):
-    """`adaloc registry ls` with no flags opens the store the flows write (ADALOC_HOME)."""
-    res = _run("registry", "ls", "--json")
-    assert res.exit_code == 0 and res.stdout.strip() == "[]", res.output
-    assert (home / "mlflow.db").exists()
+def test_registry_and_keys_commands_use_the_flows_locations(home):
+    """With no flags, `adaloc keys` writes the keyring the flows read (ADALOC_HOME/owner) and
+    `adaloc registry` opens the store the flows write (ADALOC_HOME/mlflow.db)."""
+    res = _run("keys", "owner-init")
+    assert res.exit_code == 0 and (home / "owner" / "owner.key").exists(), res.output
+    from pipelines.config import PipelineConfig
+    from pipelines.settings import load_settings
+
+    cfg = PipelineConfig().resolved(load_settings())
+    assert cfg.owner_dir == str((home / "owner").resolve())
+    assert cfg.tracking_uri == f"sqlite:///{home.resolve() / 'mlflow.db'}"
+    res = _run("registry", "ls", "--json")  # nothing published yet: names where it looked
+    assert res.exit_code == 1 and str(home / "mlflow.db") in res.output, res.output
 
 
 def test_unreachable_server_is_one_line(home, monkeypatch):

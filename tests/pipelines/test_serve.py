@@ -210,6 +210,7 @@ def test_hot_swap_under_load_and_refused_tamper(world, server, s3_endpoint):
     statuses = [s for s, _ in client.responses]
     assert statuses.count(200) == len(statuses), {s for s in statuses if s != 200}
     seen = [b["key_version"] for _, b in client.responses]
+    print(f"{len(seen)} responses, per version {[seen.count(v) for v in (1, 2, 3)]}, 0 failed")
     assert set(seen) == {1, 2, 3} and seen == sorted(seen)  # never back, never v4
     for _, body in client.responses:  # each answer is wholly the owner's model of its version
         want = expected[body["key_version"]]

@@ -77,3 +77,20 @@ def test_readme_site_walkthrough_then_lock(tmp_path, mlflow_server, prefect_serv
     cmd = [ADALOC, "site", "status", "--dir", str(site_dir), "--json"]
     status = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert json.loads(status.stdout)["installed"]["version"] == 1, status.stdout
+
+
+def test_flow_command_remote_error_is_one_line(tmp_path, prefect_server):
+    """A flow whose registry is unreachable ends with one error line, no traceback, after
+    the retries a transient error deserves."""
+    from registry.local_servers import free_port
+
+    env = {**os.environ, **prefect_server.env, "ADALOC_HOME": str(tmp_path / "home"),
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}  # fmt: skip
+    dead = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.run([ADALOC, "evaluate", "1", "-s", f"tracking_uri={dead}"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "unavailable" in last, proc.stderr[-2000:]
+    assert proc.stderr.count("Retry") >= 1 or "retry" in proc.stderr.lower(), proc.stderr[-2000:]
