@@ -51,11 +51,11 @@ class Owner:
         with torch.inference_mode():
             return unlock(self.base, self.keys[version]).eval()(self.x)
 
-    def publish(self, reg, keyring, version: int):
+    def publish(self, reg, keyring, version: int, aliases=("production",)):
         key = self.keys[version]
         return reg.publish_key(
             key, owner=keyring, model_sha256=state_sha256(unlock(self.base, key)),
-            parent=key.parent, aliases=("production",), gate=True,
+            parent=key.parent, aliases=aliases, gate=True,
         )  # fmt: skip
 
 
@@ -130,7 +130,7 @@ class Client(threading.Thread):
                 except httpx.HTTPError as err:
                     self.responses.append((0, {"error": str(err)}))
 
-    def wait_for_version(self, version: int, timeout_s: float = 60) -> None:
+    def wait_for_version(self, version: int, timeout_s: float = 240) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if any(b.get("key_version") == version for _, b in self.responses[-5:]):
@@ -194,8 +194,9 @@ def test_hot_swap_under_load_and_refused_tamper(world, server, s3_endpoint):
         client.wait_for_version(3)
         n_before_tamper = len(client.responses)
 
-        kv4 = owner.publish(reg, keyring, 4)
+        kv4 = owner.publish(reg, keyring, 4, aliases=())  # not production yet: tamper first
         _tamper(s3_endpoint, kv4)
+        reg.set_alias("production", 4, owner=keyring)  # the signed promotion is genuine
         refused = httpx.post(f"{url}/admin/pull", timeout=60)
         assert refused.status_code == 409, refused.text
         reason = refused.json()["refused"]
