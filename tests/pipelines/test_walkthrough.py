@@ -74,9 +74,10 @@ def test_readme_site_walkthrough_then_lock(tmp_path, mlflow_server, prefect_serv
         proc = subprocess.run([ADALOC, *args[1:]], cwd=cwd, env=env, capture_output=True,
                               text=True, timeout=600)  # fmt: skip
         assert proc.returncode == 0, f"{line}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-        outputs.append(proc.stdout)
+        outputs.append((args[:3], proc.stdout))
     assert (cwd / "runs" / "owner" / "owner.key").exists()  # the default keyring, used by all
-    assert "key version 1" in outputs[-2], outputs[-2]
+    pulled = [out for cmd, out in outputs if cmd == ["adaloc", "site", "pull"]]
+    assert pulled and "key version 1" in pulled[0], outputs
     cmd = [ADALOC, "site", "status", "--dir", str(site_dir), "--json"]
     status = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert json.loads(status.stdout)["installed"]["version"] == 1, status.stdout
