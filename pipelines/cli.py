@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from pipelines.registry_cli import SiteDir, cli_errors, keys_app, registry_app, site_app
+from pipelines.keys_cli import keys_app
+from pipelines.registry_cli import SiteDir, cli_errors, registry_app, site_app
 from pipelines.settings import DEFAULTS
 
 app = typer.Typer(

@@ -146,7 +146,9 @@ class PipelineConfig(VersionedConfig):
     token: TokenPattern = Field(
         "", description="M-LOCK token pattern for a two-factor lock; empty = off"
     )
-    token_size: int = Field(4, ge=1, description="token side in pixels")
+    token_size: int = Field(
+        0, ge=0, description="token side in pixels; 0 = the pattern's default (binary: 12x12)"
+    )
     token_strategy: TokenStrategy = Field(
         "single_target", description="M-LOCK label strategy for unstamped inputs"
     )

@@ -1,4 +1,4 @@
-"""`adaloc registry|site|keys ...`: thin typer layer over ``registry`` (mounted by cli.py).
+"""`adaloc registry|site ...`: thin typer layer over ``registry`` (mounted by cli.py).
 
 Every command takes ``--json`` for machine-readable output. A user mistake or a refused
 pull prints one line on stderr and exits with 1, never a traceback.
@@ -23,7 +23,6 @@ from pipelines.settings import DEFAULTS, ENV
 
 registry_app = typer.Typer(help="Inspect and promote key versions in the MLflow registry.")
 site_app = typer.Typer(help="Deployment site: init, pull key versions, status.")
-keys_app = typer.Typer(help="Owner signing key and the list of authorised sites.")
 
 out = Console()
 err = Console(stderr=True)
@@ -79,24 +78,41 @@ def _is_remote(e: BaseException) -> bool:
     return False
 
 
+def error_line(e: BaseException) -> tuple[str, int]:
+    """The one line (and exit code) the CLI prints for an exception instead of a traceback.
+
+    Our typed errors and OS errors on a user's file are the user's to fix (exit 1); MLflow /
+    S3 transport errors say the registry is unavailable (exit 1); anything else is a bug in
+    adaloc (exit 2, still one line; ``ADALOC_DEBUG=1`` shows the traceback).
+    """
+    from adaloc.errors import AdalocError
+
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    if isinstance(e, AdalocError | OSError):
+        return f"error: {first}", 1
+    if _is_remote(e):
+        return f"error: registry unavailable: {first}", 1
+    return f"error: unexpected {type(e).__name__}: {first} (ADALOC_DEBUG=1 shows where)", 2
+
+
 def cli_errors(fn):
-    """Turn library errors into one line on stderr and exit code 1."""
+    """Turn every exception into one line on stderr and a non-zero exit (see error_line)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from adaloc.errors import AdalocError
+        import click
 
         _quiet_mlflow()
         try:
             return fn(*args, **kwargs)
-        except (AdalocError, FileExistsError, FileNotFoundError, PermissionError) as e:
-            err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-        except Exception as e:  # noqa: BLE001 - MLflow/requests/boto errors, still one line
-            if not _is_remote(e):
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - the CLI's one place that maps errors
+            if os.environ.get("ADALOC_DEBUG"):
                 raise
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            err.print(f"error: registry unavailable: {first}", markup=False, soft_wrap=True)
-        raise typer.Exit(1)
+            line, code = error_line(e)
+            err.print(line, markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(code) from None
 
     return wrapper
 
@@ -454,70 +470,3 @@ def site_status(
         )
 
     _emit(status, as_json, render)
-
-
-# -- adaloc keys ---------------------------------------------------------------------------
-
-
-@keys_app.command("owner-init")
-@cli_errors
-def keys_owner_init(
-    directory: OwnerDir = DEFAULTS.owner,
-    force: Annotated[bool, typer.Option("--force", help="Replace existing owner keys.")] = False,
-    as_json: AsJson = False,
-) -> None:
-    """Create the owner's Ed25519 signing key (owner.key 0600) and an empty site list."""
-    from registry.sealing import key_fingerprint
-    from registry.sites import OwnerKeyring
-
-    keyring = OwnerKeyring.init(directory, overwrite=force)
-    info = {"directory": str(directory), "owner_key": key_fingerprint(keyring.owner_public_pem)}
-    _emit(info, as_json, lambda d: out.print(f"owner key {d['owner_key']} in {d['directory']}"))
-
-
-@keys_app.command("site-add")
-@cli_errors
-def keys_site_add(
-    site_id: Annotated[str, typer.Argument(help="Site id (as given to `site init`).")],
-    public_key: Annotated[Path, typer.Argument(help="The site's site.pub.")],
-    directory: OwnerDir = DEFAULTS.owner,
-    as_json: AsJson = False,
-) -> None:
-    """Authorise a site: later key versions are sealed for it."""
-    from registry.sites import OwnerKeyring
-
-    entry = OwnerKeyring(directory).add_site(site_id, public_key).to_dict(with_key=False)
-    _emit(entry, as_json, lambda d: out.print(f"added site {d['site_id']} ({d['fingerprint']})"))
-
-
-@keys_app.command("site-ls")
-@cli_errors
-def keys_site_ls(directory: OwnerDir = DEFAULTS.owner, as_json: AsJson = False) -> None:
-    """List authorised and revoked sites."""
-    from registry.sites import OwnerKeyring
-
-    rows = [s.to_dict(with_key=False) for s in OwnerKeyring(directory).sites()]
-
-    def render(rows: list[dict]) -> None:
-        table = Table(title="sites")
-        for col in ("site", "fingerprint", "added", "revoked"):
-            table.add_column(col)
-        for r in rows:
-            table.add_row(r["site_id"], r["fingerprint"], r["added_at"], r["revoked_at"] or "-")
-        out.print(table)
-
-    _emit(rows, as_json, render)
-
-
-@keys_app.command("site-revoke")
-@cli_errors
-def keys_site_revoke(
-    site_id: Annotated[str, typer.Argument(help="Site id to revoke.")],
-    directory: OwnerDir = DEFAULTS.owner,
-    as_json: AsJson = False,
-) -> None:
-    """Revoke a site: key versions published from now on are not sealed for it."""
-    from registry.sites import OwnerKeyring
-
-    entry = OwnerKeyring(directory).revoke_site(site_id).to_dict(with_key=False)
-    _emit(entry, as_json, lambda d: out.print(f"revoked site {d['site_id']} at {d['revoked_at']}"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from prefect import task
@@ -187,8 +186,13 @@ def train_base_ddp(cfg: PipelineConfig, nproc: int, workdir: str):
         "--out",
         str(out),
     ]
-    subprocess.run(cmd, check=True)
-    return load_file(out)
+    try:
+        subprocess.run(cmd, check=True)
+        return load_file(out)
+    finally:
+        # The fully trained model must not stay in the scratch folder once it is in memory.
+        out.unlink(missing_ok=True)
+        Path(f"{out}.json").unlink(missing_ok=True)
 
 
 @task(name="select key", **LOCAL)
@@ -291,12 +295,11 @@ def keep_key(key, owner_dir: str, version: int) -> str:
     from dataclasses import replace
 
     from adaloc.artifact import encode_key
-    from adaloc.fsutil import atomic_write_bytes
+    from adaloc.fsutil import atomic_write_bytes, private_dir
     from registry.errors import VersionConflictError
 
     path = owner_key_path(owner_dir, version)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent, 0o700)
+    private_dir(path.parent)
     data = encode_key(replace(key, version=version))
     if path.exists():
         if path.read_bytes() == data:
@@ -408,5 +411,7 @@ def write_temp(directory: str, name: str, text: str) -> str:
 
 
 def scratch_dir() -> str:
-    """A fresh temporary directory for a flow's files."""
-    return tempfile.mkdtemp(prefix="adaloc-")
+    """A fresh 0700 temporary folder for a flow's files, removed when the flow run ends."""
+    from pipelines.scratch import scratch_dir as _scratch
+
+    return _scratch()

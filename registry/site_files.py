@@ -26,6 +26,7 @@ import secrets
 import shutil
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -80,7 +81,7 @@ class Available(_Loose):
     """cache/available.json."""
 
     fetched_at: str | None = None
-    versions: list[dict] = Field(default_factory=list)
+    versions: list[dict]  # required: an object without it is not a version list
 
 
 def read_model(path: Path, model: type[BaseModel], what: str, *, missing=None):
@@ -95,7 +96,7 @@ def read_model(path: Path, model: type[BaseModel], what: str, *, missing=None):
         raise SiteFileError(f"{what} {path} is empty; restore it or re-create the site")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise SiteFileError(f"{what} {path} is not JSON ({err}); restore it") from err
     if not isinstance(data, dict):
         raise SiteFileError(f"{what} {path} holds a {type(data).__name__}, expected an object")
@@ -115,7 +116,7 @@ def load_site_key(path: Path) -> X25519PrivateKey:
         raise NotFoundError(f"site key {path} not found; run `adaloc site init`") from err
     try:
         key = serialization.load_pem_private_key(raw, password=None)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise SiteFileError(f"site key {path} is not a PEM private key; restore it") from err
     if not isinstance(key, X25519PrivateKey):
         raise SiteFileError(f"site key {path} is {type(key).__name__}, expected X25519")
@@ -128,7 +129,7 @@ def check_owner_pem(pem: bytes, what: str) -> bytes:
         raise SiteFileError(f"{what} is empty; copy the owner's owner.pub")
     try:
         key = serialization.load_pem_public_key(pem)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise SiteFileError(f"{what} is not a PEM public key; copy the owner's owner.pub") from err
     if not isinstance(key, Ed25519PublicKey):
         raise SiteFileError(

@@ -172,7 +172,7 @@ def parse(data: bytes, role: str, what: str) -> dict:
     """Decode an envelope from bytes; TrustError (one line) for garbage or a wrong shape."""
     try:
         env = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise TrustError(f"{what} is not a signed {role} record (not JSON: {err})") from err
     if (
         not isinstance(env, dict)

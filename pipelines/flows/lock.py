@@ -20,9 +20,10 @@ from pipelines.flows.common import (
     require_sites,
     run_name,
 )
+from pipelines.scratch import HOOKS as SCRATCH_HOOKS
 
 
-@flow(name="lock", flow_run_name=run_name("lock"), log_prints=True)
+@flow(name="lock", flow_run_name=run_name("lock"), log_prints=True, **SCRATCH_HOOKS)
 def lock_flow(
     config_path: str | None = None,
     overrides: dict | None = None,

@@ -18,9 +18,10 @@ from pipelines.flows.common import (
     require_sites,
     run_name,
 )
+from pipelines.scratch import HOOKS as SCRATCH_HOOKS
 
 
-@flow(name="update", flow_run_name=run_name("update"), log_prints=True)
+@flow(name="update", flow_run_name=run_name("update"), log_prints=True, **SCRATCH_HOOKS)
 def update_flow(
     config_path: str | None = None,
     overrides: dict | None = None,

@@ -32,28 +32,84 @@ pytestmark = pytest.mark.slow
 NAME = "faults"
 PULL_TRIALS, PUBLISH_TRIALS = 20, 20
 
-PULL_CHILD = """
-import sys
-from registry.site import Site
-site = Site(sys.argv[1])
-print("ready", flush=True)
-site.pull(sys.argv[2], allow_rollback=True)
-print("done", flush=True)
-"""
-
-PUBLISH_CHILD = """
-import sys
+# A warm "zygote": imports once, then forks one child per trial (a trial costs the job, not
+# the ~2 s of importing mlflow). It makes no request itself, so no socket is shared by fork.
+ZYGOTE = """
+import json, os, sys
 from adaloc.artifact import load_key
+from registry.site import Site
 from registry.sites import OwnerKeyring
 from registry.store import KeyRegistry
-reg = KeyRegistry(sys.argv[1], sys.argv[2])
-owner = OwnerKeyring(sys.argv[3])
-key = load_key(sys.argv[4])
-reg.base(key.base_sha256)  # warm: the timed part below is the publication itself
+
+def run(job):
+    if job["kind"] == "pull":
+        Site(job["dir"]).pull(job["ref"], allow_rollback=True)
+    else:
+        reg = KeyRegistry(job["uri"], job["name"])
+        reg.publish_key(load_key(job["key"]), owner=OwnerKeyring(job["owner"]),
+                        auto_version=True, parent=job["parent"])
+
 print("ready", flush=True)
-reg.publish_key(key, owner=owner, auto_version=True, parent=int(sys.argv[5]))
-print("done", flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.read(0, 0)
+        os.write(w, b"go")
+        os.close(w)
+        try:
+            run(job)
+            code = 0
+        except BaseException as e:
+            sys.stderr.write(repr(e) + "\\n")
+            code = 1
+        os._exit(code)
+    os.close(w)
+    os.read(r, 2)  # the child is running its job now
+    os.close(r)
+    print(json.dumps({"pid": pid}), flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"status": status}), flush=True)
 """
+
+
+class Zygote:
+    """Runs jobs in forked children of one warm process; can SIGKILL a running job."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def run(self, job: dict, kill_after: float | None = None) -> tuple[bool, float]:
+        """(killed, seconds): the job, SIGKILLed after ``kill_after`` s if still running."""
+        import json
+        import os
+
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        pid = json.loads(self.proc.stdout.readline())["pid"]
+        t0 = time.perf_counter()
+        killed = False
+        if kill_after is not None:
+            time.sleep(kill_after)
+            try:
+                # Still a child of the zygote until it is reaped: the pid cannot be reused.
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+            except ProcessLookupError:
+                pass
+        status = json.loads(self.proc.stdout.readline())["status"]
+        took = time.perf_counter() - t0
+        killed = killed and os.WIFSIGNALED(status)
+        assert killed or os.WEXITSTATUS(status) == 0, status
+        return killed, took
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -73,30 +129,6 @@ def world(mlflow_server, locked, tmp_path_factory):
     return reg, owner, site, root
 
 
-def _child(code: str, *args, ready_timeout: float = 120.0) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + ready_timeout
-    line = ""
-    while time.monotonic() < deadline and proc.poll() is None:
-        line = proc.stdout.readline()
-        if line.strip() == "ready":
-            return proc
-    proc.kill()
-    raise AssertionError(f"child not ready: {line!r} {proc.stderr.read()[-2000:]}")
-
-
-def _kill_after(proc: subprocess.Popen, delay: float) -> bool:
-    """SIGKILL ``proc`` after ``delay`` s; True when it was killed before finishing."""
-    try:
-        proc.wait(timeout=delay)
-        return False
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        return True
-
-
 def assert_one_version(site: Site, locked) -> int | None:
     """The installed set is consistent: every file of one version, as signed."""
     s = site.installed_set(verify=True)
@@ -109,30 +141,30 @@ def assert_one_version(site: Site, locked) -> int | None:
 
 def test_sigkill_during_site_pull(world, locked):
     reg, owner, site, root = world
-    rng = random.Random(13)
-    # One unkilled pull in a child measures how long the work after "ready" takes.
-    t0 = time.perf_counter()
-    proc = _child(PULL_CHILD, site.directory, "3")
-    assert proc.wait(timeout=120) == 0
-    span = max(time.perf_counter() - t0, 0.2)
+    rng, zygote = random.Random(13), Zygote()
     outcomes = {"killed": 0, "finished": 0}
-    for trial in range(PULL_TRIALS):
-        target = root / f"pull-{trial}"
-        fresh = trial % 4 == 0  # every 4th trial also downloads the base
-        shutil.copytree(root / ("fresh" if fresh else "site"), target, symlinks=True)
-        trial_site = Site(target)
-        before = assert_one_version(trial_site, locked)
-        want = 2 if before == 3 else 3
-        proc = _child(PULL_CHILD, target, str(want))
-        killed = _kill_after(proc, rng.uniform(0.0, span))
-        outcomes["killed" if killed else "finished"] += 1
-        after = assert_one_version(trial_site, locked)
-        assert after in (before, want), (before, want, after)
-        # The next attempt succeeds, with no manual cleanup.
-        assert trial_site.pull(str(want), allow_rollback=True).version == want
-        assert assert_one_version(trial_site, locked) == want
-        assert not list((target / "installs").glob(".*.partial"))  # swept by that pull
-        shutil.rmtree(target)
+    try:
+        # One unkilled pull sets the kill window.
+        _, span = zygote.run({"kind": "pull", "dir": str(site.directory), "ref": "3"})
+        for trial in range(PULL_TRIALS):
+            target = root / f"pull-{trial}"
+            fresh = trial % 4 == 0  # every 4th trial also downloads the base
+            shutil.copytree(root / ("fresh" if fresh else "site"), target, symlinks=True)
+            trial_site = Site(target)
+            before = assert_one_version(trial_site, locked)
+            want = 2 if before == 3 else 3
+            job = {"kind": "pull", "dir": str(target), "ref": str(want)}
+            killed, _ = zygote.run(job, kill_after=rng.uniform(0.0, span * (2 if fresh else 1)))
+            outcomes["killed" if killed else "finished"] += 1
+            after = assert_one_version(trial_site, locked)
+            assert after in (before, want), (before, want, after)
+            # The next attempt succeeds, with no manual cleanup.
+            assert trial_site.pull(str(want), allow_rollback=True).version == want
+            assert assert_one_version(trial_site, locked) == want
+            assert not list((target / "installs").glob(".*.partial"))  # swept by that pull
+            shutil.rmtree(target)
+    finally:
+        zygote.close()
     print(f"site pull SIGKILL trials: {outcomes}, span {span:.2f}s")
     assert outcomes["killed"] >= PULL_TRIALS // 2
 
@@ -155,34 +187,36 @@ def _signed_versions_complete(reg, owner) -> list[int]:
 
 def test_sigkill_during_publish(world, locked, tmp_path):
     reg, owner, site, root = world
-    rng = random.Random(7)
+    rng, zygote = random.Random(7), Zygote()
     base_key = locked.keys[3]
     outcomes = {"killed": 0, "finished": 0}
     span = None
-    for trial in range(PUBLISH_TRIALS):
-        values = {n: t + 0.001 * (trial + 1) for n, t in base_key.values.items()}
-        key = Key(base_key.mask, values, base_key.base_sha256, version=100 + trial, parent=3)
-        path = tmp_path / f"key-{trial}.safetensors"
-        save_key(key, path)
-        before = _signed_versions_complete(reg, owner)
-        t0 = time.perf_counter()
-        proc = _child(PUBLISH_CHILD, reg.tracking_uri, NAME, owner.directory, path, 3)
-        if span is None:  # the first trial runs to the end and sets the kill window
-            assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
-            span = time.perf_counter() - t0
-            killed = False
-        else:
-            killed = _kill_after(proc, rng.uniform(0.0, span))
-        outcomes["killed" if killed else "finished"] += 1
-        after = _signed_versions_complete(reg, owner)
-        assert set(before) <= set(after) and len(after) <= len(before) + 1
-        # The retry (same publication) completes and is pullable; never a second number.
-        kv = reg.publish_key(key, owner=owner, auto_version=True, parent=3)
-        final = _signed_versions_complete(reg, owner)
-        assert kv.version in final and len(final) == len(before) + 1
-        mine = [mv for mv in reg._versions(reg.key_name) if mv.tags.get("status") == "ready"
-                and mv.run_id == kv.run_id]  # fmt: skip
-        assert len(mine) == 1
+    try:
+        for trial in range(PUBLISH_TRIALS):
+            values = {n: t + 0.001 * (trial + 1) for n, t in base_key.values.items()}
+            key = Key(base_key.mask, values, base_key.base_sha256, version=100 + trial, parent=3)
+            path = tmp_path / f"key-{trial}.safetensors"
+            save_key(key, path)
+            before = _signed_versions_complete(reg, owner)
+            job = {"kind": "publish", "uri": reg.tracking_uri, "name": NAME, "key": str(path),
+                   "owner": str(owner.directory), "parent": 3}  # fmt: skip
+            # The first trial runs to the end and sets the kill window.
+            killed, took = zygote.run(
+                job, kill_after=None if span is None else rng.uniform(0, span)
+            )
+            span = span or took
+            outcomes["killed" if killed else "finished"] += 1
+            after = _signed_versions_complete(reg, owner)
+            assert set(before) <= set(after) and len(after) <= len(before) + 1
+            # The retry (same publication) completes and is pullable; never a second number.
+            kv = reg.publish_key(key, owner=owner, auto_version=True, parent=3)
+            final = _signed_versions_complete(reg, owner)
+            assert kv.version in final and len(final) == len(before) + 1
+            mine = [mv for mv in reg._versions(reg.key_name) if mv.tags.get("status") == "ready"
+                    and mv.run_id == kv.run_id]  # fmt: skip
+            assert len(mine) == 1
+    finally:
+        zygote.close()
     fresh = Site(shutil.copytree(root / "fresh", root / "after-publish", symlinks=True))
     assert fresh.pull("latest").version == max(final)
     print(f"publish SIGKILL trials: {outcomes}, span {span:.2f}s")

@@ -83,7 +83,7 @@ def test_site_init_refuses_a_site_key_as_owner_pub_and_leaves_nothing(tmp_path):
     ]:
         (tmp_path / "owner.pub").write_bytes(bad)
         res = run_cli("site", "init", "--dir", tmp_path / "site", "--site-id", "x",
-                      "--owner-pub", tmp_path / "owner.pub", "--root", tmp_path / "reg")  # fmt: skip
+                      "--owner-pub", tmp_path / "owner.pub", "--root", tmp_path)  # fmt: skip
         assert res.exit_code == 1 and match in res.stderr and "Traceback" not in res.output
         assert not (tmp_path / "site").exists()
 
