@@ -452,4 +452,10 @@ class Site(SiteInstalled):
         os.replace(staging, target)  # the cache entry appears complete or not at all
         return target, b.length
 
+    def load_model(self, *, device: str | None = None, verify: bool = True):
+        """The installed key version as a ready module (see registry.loader.load_model)."""
+        from registry.loader import load_model
+
+        return load_model(self, device=device, verify=verify)
+
     # -- export / status -------------------------------------------------------------------
