@@ -13,6 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -62,7 +63,14 @@ def run_demo(
     out = Path(out).resolve()
     t0 = time.perf_counter()
     cfg, site = prepare(out, cfg, force=force)
-    console.print(f"[bold]adaloc demo[/] -> {out}\nconfig:\n{cfg.to_json()}")
+    (out / "config.json").write_text(cfg.to_json())  # the whole config, kept, not printed
+    console.print(
+        f"[bold]adaloc demo[/] -> {out}: {cfg.dataset}, {cfg.model}, {cfg.updates} updates, "
+        f"key {100 * cfg.key_spec().budget:g}% ({cfg.key_spec().selection})"
+        + (f", token {cfg.token}" if cfg.token else "")
+        + f"; config in {out / 'config.json'}",
+        highlight=False,
+    )
     overrides = cfg.to_dict()
     steps = ["lock (base + key v1)"] + [f"update v{i + 2}" for i in range(cfg.updates)]
     columns = (
@@ -71,7 +79,7 @@ def run_demo(
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
     )
-    results, pulls = [], []
+    results, pulls, exports = [], [], []
     with Progress(*columns, console=console, transient=False) as bar:
         story = bar.add_task("demo", total=2 * len(steps) + len(steps))
         for i, step in enumerate(steps):
@@ -82,26 +90,31 @@ def run_demo(
             version = results[-1]["version"]
             bar.update(story, description=f"site pulls v{version}")
             pulls.append(site.pull(version))
+            # The site installs only the key; the demo also writes the full authorized model
+            # (checked against the owner's signed sha256) to show it is the owner's.
+            exports.append(site.export())
             bar.advance(story)
         for res in results:
             bar.update(story, description=f"evaluate v{res['version']}")
             res["evaluation"] = evaluate_flow(overrides=overrides, ref=str(res["version"]))
             bar.advance(story)
-    summary = summarize(out, cfg, site, results, pulls)
+    summary = summarize(out, cfg, site, results, pulls, exports)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_table(console, summary)
     return summary
 
 
-def summarize(out: Path, cfg: PipelineConfig, site, results: list, pulls: list) -> dict:
+def summarize(
+    out: Path, cfg: PipelineConfig, site, results: list, pulls: list, exports: list
+) -> dict:
     """The summary.json layout of issue 5 (plus a few extra fields)."""
     from pipelines.flows.common import open_registry
 
     registry = open_registry(cfg)
     base_bytes = results[0]["base_bytes"]
     versions = []
-    for res, pull in zip(results, pulls, strict=True):
+    for res, pull, exported in zip(results, pulls, exports, strict=True):
         rec, m = res["record"], res["metrics"]
         versions.append(
             {
@@ -116,10 +129,12 @@ def summarize(out: Path, cfg: PipelineConfig, site, results: list, pulls: list) 
                 "plain_key_bytes": rec["key_bytes"],
                 "key_fraction_of_base": rec["sealed_bytes"] / base_bytes,
                 "gate_passed": res["passed"],
-                "site_model_matches_owner": pull.model_sha256 == res["model_sha256"],
+                "site_model_matches_owner": exported["model_sha256"] == res["model_sha256"],
+                "site_key_version": pull.version,
+                **two_factor_block(m),
             }
         )
-    last = pulls[-1]
+    last = exports[-1]
     site_dir = Path(site.directory).resolve()
     return {
         "tracking_uri": cfg.tracking_uri,
@@ -129,9 +144,9 @@ def summarize(out: Path, cfg: PipelineConfig, site, results: list, pulls: list) 
         "versions": versions,
         "site": {
             "dir": str(site_dir),
-            "model_path": str(Path(last.model_path).resolve()),
+            "model_path": str(Path(last["path"]).resolve()),
             "installed_version": (site.installed() or {}).get("version"),
-            "model_sha256": last.model_sha256,
+            "model_sha256": last["model_sha256"],
             "owner_model_sha256": results[-1]["model_sha256"],
             "bytes_downloaded": {
                 "base": sum(p.bytes_base for p in pulls),
@@ -160,28 +175,42 @@ def ui_command(cfg: PipelineConfig) -> str:
     )
 
 
+def two_factor_block(metrics: dict) -> dict:
+    """The 2x2 key x token matrix of a token-locked version ({} without a token)."""
+    cells = ("key_and_token", "key_only", "token_only", "neither")
+    if f"two_factor_{cells[0]}" not in metrics:
+        return {}
+    return {"two_factor": {c: metrics[f"two_factor_{c}"] for c in cells}}
+
+
 def print_table(console: Console, summary: dict) -> None:
-    """Version table: accuracies, full-model vs key bytes, site model matches owner."""
-    chance = summary["chance"]
-    table = Table(title=f"{summary['model_name']}: key versions (chance {100 * chance:.1f}%)")
-    for col in (
-        "version",
-        "authorized %",
-        "unauthorized %",
-        "full model bytes",
-        "key bytes",
-        "key/full",
-        "site model = owner's",
-    ):
-        table.add_column(col, justify="right")
-    for v in summary["versions"]:
+    """Version table (fits 80 columns): accuracies (the whole 2x2 matrix with a token), key
+    bytes against the full model's, site model matches owner."""
+    chance, versions = summary["chance"], summary["versions"]
+    full = versions[0]["base_bytes"]
+    two = all("two_factor" in v for v in versions)
+    table = Table(
+        title=f"{summary['model_name']}: key versions (chance {100 * chance:.1f}%)",
+        caption=f"full model {full:,} B; accuracy in %"
+        + ("; two-factor: with key and token, key only, token only, neither" if two else ""),
+        box=box.SIMPLE_HEAD,
+    )
+    if two:
+        heads = ["ver", "key+token", "key only", "token", "neither"]
+    else:
+        heads = ["ver", "authorized", "unauthorized"]
+    for col in [*heads, "key B (of full)", "site=owner"]:
+        table.add_column(col, justify="right", no_wrap=True)
+    for v in versions:
+        if two:
+            accs = [v["two_factor"][c] for c in ("key_and_token", "key_only", "token_only")]
+            accs.append(v["two_factor"]["neither"])
+        else:
+            accs = [v["authorized_acc"], v["unauthorized_acc"]]
         table.add_row(
             f"v{v['version']}",
-            f"{100 * v['authorized_acc']:.2f}",
-            f"{100 * v['unauthorized_acc']:.2f}",
-            f"{v['base_bytes']:,}",
-            f"{v['key_bytes']:,}",
-            f"{100 * v['key_fraction_of_base']:.1f}%",
+            *(f"{100 * a:.2f}" for a in accs),
+            f"{v['key_bytes']:,} ({100 * v['key_fraction_of_base']:.1f}%)",
             "yes" if v["site_model_matches_owner"] else "NO",
         )
     console.print(table)

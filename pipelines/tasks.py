@@ -1,4 +1,5 @@
-"""Prefect tasks: each wraps one ``adaloc`` or ``registry`` call (I/O ones with retries).
+"""Prefect tasks: each wraps one ``adaloc`` or ``registry`` call (registry I/O retried when a
+retry can succeed).
 
 Tensors never leave the process (no result persistence, no input hashing): tasks run in
 the flow's process and hand models and datasets over in memory.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from prefect import task
@@ -18,18 +18,57 @@ from prefect.cache_policies import NO_CACHE
 from pipelines.config import PipelineConfig
 from pipelines.data_version import data_version
 
-IO = {"retries": 3, "retry_delay_seconds": [1, 5, 15], "cache_policy": NO_CACHE}
+
+def transient(exc: BaseException | None) -> bool:
+    """True for errors a retry can cure: the registry or S3 unreachable, a timeout, a 5xx or
+    429 from a server. A version conflict, a bad signature, a missing version or a user's
+    mistake fails the same way every time, so it is not retried."""
+    from adaloc.errors import AdalocError
+    from registry.errors import UnavailableError
+
+    while exc is not None:
+        if isinstance(exc, UnavailableError | ConnectionError | TimeoutError):
+            return True
+        if isinstance(exc, AdalocError):
+            return False
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        code = getattr(exc, "error_code", None) or ""
+        if status in (429, 500, 502, 503, 504) or code == "TEMPORARILY_UNAVAILABLE":
+            return True
+        if type(exc).__module__.split(".")[0] in ("requests", "urllib3", "botocore", "boto3"):
+            name = type(exc).__name__
+            if "Connect" in name or "Timeout" in name or "Endpoint" in name:
+                return True
+        if "API request to" in str(exc) and "failed with" in str(exc):
+            return True  # MLflow's wrapper of a transport error (the cause is only __context__)
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _retry_if_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry only :func:`transient` failures."""
+    return transient(state.result(raise_on_failure=False))
+
+
+# Registry I/O: retried, but only for errors that can pass. Local, deterministic work (files
+# on this machine, training, tensor maths) is never retried: it would fail the same way.
+IO = {
+    "retries": 3,
+    "retry_delay_seconds": [1, 5, 15],
+    "retry_condition_fn": _retry_if_transient,
+    "cache_policy": NO_CACHE,
+}
 LOCAL = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
 # ---------------------------------------------------------------- data
-@task(name="data version", **IO)
+@task(name="data version", **LOCAL)
 def resolve_data_version(dvc_file: str) -> str:
     """md5 of the DVC-tracked data directory (the data version a key version records)."""
     return data_version(dvc_file)
 
 
-@task(name="load dataset", retries=1, **LOCAL)
+@task(name="load dataset", **LOCAL)
 def load_data(cfg: PipelineConfig):
     """Load the dataset (capped by train_limit/test_limit) into memory."""
     import torch
@@ -162,8 +201,13 @@ def train_base_ddp(cfg: PipelineConfig, nproc: int, workdir: str):
         "--out",
         str(out),
     ]
-    subprocess.run(cmd, check=True)
-    return load_file(out)
+    try:
+        subprocess.run(cmd, check=True)
+        return load_file(out)
+    finally:
+        # The fully trained model must not stay in the scratch folder once it is in memory.
+        out.unlink(missing_ok=True)
+        Path(f"{out}.json").unlink(missing_ok=True)
 
 
 @task(name="select key", **LOCAL)
@@ -231,11 +275,16 @@ def evaluate(base, key, test, version: int, seed: int = 0) -> dict:
 
 
 @task(name="per-class accuracy", **LOCAL)
-def per_class(model, test, num_classes: int) -> list[float]:
-    """Per-class accuracy of a model (for the evaluation plots)."""
+def per_class(model, test, num_classes: int, token=None) -> list[float]:
+    """Per-class accuracy of a model (for the evaluation plots); inputs stamped with
+    ``token`` when given, as an authorized user of a token-locked model sends them."""
     from adaloc.evaluate import per_class_accuracy
 
-    return per_class_accuracy(model, test, num_classes)
+    if token is None:
+        return per_class_accuracy(model, test, num_classes)
+    from adaloc.tokenlock import stamp_fn
+
+    return per_class_accuracy(model, test, num_classes, input_fn=stamp_fn(token))
 
 
 # ---------------------------------------------------------------- owner's files
@@ -264,20 +313,43 @@ def owner_key_path(owner_dir: str, version: int) -> Path:
     return Path(owner_dir) / "keys" / f"key-v{version}.safetensors"
 
 
-@task(name="keep key", task_run_name="keep key v{version}", **IO)
+@task(name="keep key", task_run_name="keep key v{version}", **LOCAL)
 def keep_key(key, owner_dir: str, version: int) -> str:
-    """Write the plain key into the owner's private key store (before publishing it)."""
-    from adaloc.artifact import save_key
+    """Write the plain key into the owner's private key store; never overwrite a kept key.
+
+    The file appears complete (0600, in a 0700 folder) or not at all; an existing file with
+    other bytes is refused (VersionConflictError), the same bytes are accepted (a retry).
+    """
+    from dataclasses import replace
+
+    from adaloc.artifact import encode_key
+    from adaloc.fsutil import atomic_write_bytes, private_dir
+    from registry.errors import VersionConflictError
 
     path = owner_key_path(owner_dir, version)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    save_key(key, path)
-    os.chmod(path, 0o600)
+    private_dir(path.parent)
+    data = encode_key(replace(key, version=version))
+    if path.exists():
+        if path.read_bytes() == data:
+            return str(path)
+        raise VersionConflictError(
+            f"{path} already holds another key v{version}; kept keys are never overwritten"
+        )
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+    atomic_write_bytes(tmp, data, mode=0o600)
+    try:
+        os.link(tmp, path)  # fails if a concurrent writer got there first: no overwrite
+    except FileExistsError:
+        if path.read_bytes() != data:
+            raise VersionConflictError(
+                f"{path} was kept concurrently with other bytes; kept keys are never overwritten"
+            ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return str(path)
 
 
-@task(name="load key", task_run_name="load key v{version}", **IO)
+@task(name="load key", task_run_name="load key v{version}", **LOCAL)
 def load_owner_key(owner_dir: str, version: int):
     """Read key version ``version`` from the owner's private key store."""
     from adaloc.artifact import load_key
@@ -292,16 +364,30 @@ def publish_base(registry, directory: str, base_sha256: str, params: dict, metri
     return registry.publish_base(directory, base_sha256=base_sha256, params=params, metrics=metrics)
 
 
-@task(name="publish key", task_run_name="publish key v{version}", **IO)
-def publish_key(registry, key, owner, version: int, **kwargs):
-    """Seal and publish key version ``version`` (atomic and idempotent in the registry)."""
-    return registry.publish_key(key, owner=owner, version=version, **kwargs)
+@task(name="publish key", task_run_name="publish key (after v{version})", **IO)
+def publish_key(registry, key, owner, version: int, *, owner_dir: str | None = None, **kwargs):
+    """Seal and publish a key version; MLflow's version number is the version (one source).
+
+    ``version`` is the caller's expectation only: a concurrent publisher may have taken it,
+    then this one gets the next number. The plain key is kept in ``owner_dir`` under that
+    number afterwards (never overwriting a kept key). Retries reuse the same publication.
+    """
+    kv = registry.publish_key(key, owner=owner, auto_version=True, **kwargs)
+    if owner_dir is not None:
+        keep_key.fn(key, owner_dir, kv.version)
+    return kv
 
 
 @task(name="set alias", task_run_name="alias {alias} -> v{version}", **IO)
-def set_alias(registry, alias: str, version: int):
-    """Move ``alias`` to key version ``version``."""
-    return registry.set_alias(alias, version)
+def set_alias(registry, alias: str, version: int, owner=None):
+    """Sign "``alias`` = key version ``version``" with the owner key (production: promotion)."""
+    return registry.set_alias(alias, version, owner=owner)
+
+
+@task(name="sign timestamp", **IO)
+def sign_timestamp(registry, owner) -> int:
+    """Re-sign the timestamp record (new expiry); sites refuse one past its expiry."""
+    return registry.sign_timestamp(owner)
 
 
 @task(name="latest key version", **IO)
@@ -353,5 +439,7 @@ def write_temp(directory: str, name: str, text: str) -> str:
 
 
 def scratch_dir() -> str:
-    """A fresh temporary directory for a flow's files."""
-    return tempfile.mkdtemp(prefix="adaloc-")
+    """A fresh 0700 temporary folder for a flow's files, removed when the flow run ends."""
+    from pipelines.scratch import scratch_dir as _scratch
+
+    return _scratch()

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 
 from pipelines import tasks as T
 from pipelines import token_tasks as TT
+from pipelines.config import PipelineConfig
 from pipelines.flows.common import (
     config_params,
     gate,
@@ -19,14 +20,16 @@ from pipelines.flows.common import (
     require_sites,
     run_name,
 )
+from pipelines.scratch import HOOKS as SCRATCH_HOOKS
 
 
-@flow(name="lock", flow_run_name=run_name("lock"), log_prints=True)
+@flow(name="lock", flow_run_name=run_name("lock"), log_prints=True, **SCRATCH_HOOKS)
 def lock_flow(
     config_path: str | None = None,
     overrides: dict | None = None,
     nproc: int = 1,
     progress: bool = True,
+    config: PipelineConfig | None = None,
 ) -> dict:
     """Train and lock a model; publish its base once and key version 1.
 
@@ -34,7 +37,7 @@ def lock_flow(
     Returns the key version's record plus metrics and the gate's verdict.
     """
     log = get_run_logger()
-    cfg = read_config(config_path, overrides)
+    cfg = read_config(config_path, overrides, config)
     registry, owner = open_registry(cfg), open_owner(cfg)
     require_sites(owner)
     work = T.scratch_dir()
@@ -67,7 +70,6 @@ def lock_flow(
         params,
         {"train_seconds": seconds} if seconds else {},
     )
-    T.keep_key(key, cfg.owner_dir, 1)
     passed, reasons = gate(metrics, cfg)
     kv = T.publish_key(
         registry,
@@ -82,9 +84,10 @@ def lock_flow(
         key_spec=cfg.key_spec().to_dict(),
         aliases=("candidate",),
         token=token,
+        owner_dir=cfg.owner_dir,
     )
     if passed:
-        kv = T.set_alias(registry, "production", 1)
+        kv = T.set_alias(registry, "production", kv.version, owner)
     else:
         log.warning("key v1 stays a candidate: %s", "; ".join(reasons))
     T.log_files(registry, kv.run_id, [T.write_temp(work, "config.json", cfg.to_json())])

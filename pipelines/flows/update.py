@@ -7,6 +7,7 @@ from prefect import flow, get_run_logger
 
 from pipelines import tasks as T
 from pipelines import token_tasks as TT
+from pipelines.config import PipelineConfig
 from pipelines.flows.common import (
     config_params,
     gate,
@@ -17,14 +18,16 @@ from pipelines.flows.common import (
     require_sites,
     run_name,
 )
+from pipelines.scratch import HOOKS as SCRATCH_HOOKS
 
 
-@flow(name="update", flow_run_name=run_name("update"), log_prints=True)
+@flow(name="update", flow_run_name=run_name("update"), log_prints=True, **SCRATCH_HOOKS)
 def update_flow(
     config_path: str | None = None,
     overrides: dict | None = None,
     promote: bool = True,
     progress: bool = True,
+    config: PipelineConfig | None = None,
 ) -> dict:
     """Publish the next key version, trained key-only on the stage of data it is due.
 
@@ -32,7 +35,7 @@ def update_flow(
     own evaluation). Returns the new version's record, metrics and the gate's verdict.
     """
     log = get_run_logger()
-    cfg = read_config(config_path, overrides)
+    cfg = read_config(config_path, overrides, config)
     registry, owner = open_registry(cfg), open_owner(cfg)
     require_sites(owner)
     work = T.scratch_dir()
@@ -63,7 +66,6 @@ def update_flow(
         metrics = TT.with_two_factor(metrics, TT.two_factor(base, new_key, stage.test, token))
     passed, reasons = gate(metrics, cfg)
 
-    T.keep_key(new_key, cfg.owner_dir, version)
     params = {**config_params(cfg), "data_version": data_version, "stage": stage.name}
     kv = T.publish_key(
         registry,
@@ -78,9 +80,11 @@ def update_flow(
         key_spec=cfg.key_spec().to_dict(),
         aliases=("candidate",),
         token=token,
+        owner_dir=cfg.owner_dir,
     )
+    version = kv.version  # MLflow's number: a concurrent publisher may have taken ours
     if passed and promote:
-        kv = T.set_alias(registry, "production", version)
+        kv = T.set_alias(registry, "production", version, owner)
     elif not passed:
         log.warning("key v%d stays a candidate: %s", version, "; ".join(reasons))
     T.log_files(registry, kv.run_id, [T.write_temp(work, "config.json", cfg.to_json())])
