@@ -113,14 +113,18 @@ class PipelineConfig(VersionedConfig):
         description="KeySpec fields (budget, selection, granularity, seed, ...)",
     )
     epochs: int = Field(2, ge=1, description="epochs of base training in the lock flow")
-    key_epochs: int = Field(2, ge=1, description="epochs of key-only training per key version")
+    key_epochs: int = Field(
+        2, ge=1, description="floor on key-only epochs (adaloc's UpdateRecipe picks the budget)"
+    )
     batch_size: int = Field(128, ge=1, description="training batch size")
-    optimizer: Optimizer = Field("sgd", description="optimizer of base and key-only training")
+    optimizer: Optimizer = Field(
+        "sgd", description="optimizer of base training (key-only: adaloc's UpdateRecipe)"
+    )
     lr: float = Field(
         0.0,
         ge=0.0,
-        description="learning rate; 0 = the flows' defaults: 0.01 for key-only updates "
-        "(pipelines.tasks.UPDATE_LR), adaloc TrainConfig's 0.05 for base training",
+        description="learning rate; 0 = the defaults: adaloc's UpdateRecipe (Adam 0.01) for "
+        "key-only updates, adaloc TrainConfig's 0.05 for base training",
     )
     updates: int = Field(2, ge=1, description="number of update stages the data is split into")
     train_limit: int = Field(0, ge=0, description="cap on training images per stage (0 = all)")
