@@ -60,7 +60,9 @@ LOCKS = {
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line arguments of the recipe."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | digits | imagefolder:PATH")
+    p.add_argument(
+        "--dataset", default="fashion-mnist", help="fashion-mnist | digits | imagefolder:PATH"
+    )
     p.add_argument("--data-root", default="data")
     p.add_argument("--model", default="cnn", choices=("cnn", "mlp", "resnet18"))
     p.add_argument("--out", default="runs/attacks")
@@ -74,7 +76,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-limit", type=int, default=0, help="cap on training images (0 = all)")
     p.add_argument("--test-limit", type=int, default=0, help="cap on test images (0 = all)")
     p.add_argument("--repeats", type=int, default=1, help="attacker draws averaged per row")
-    p.add_argument("--token-size", type=int, default=-1, help="M-LOCK token side; -1 = auto, 0 = off")
+    p.add_argument(
+        "--token-size", type=int, default=-1, help="M-LOCK token side; -1 = auto, 0 = off"
+    )
     p.add_argument("--token-budget", type=int, default=4096, help="token search tries")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -130,8 +134,13 @@ def main(args: argparse.Namespace) -> dict:
     epochs = args.owner_epochs or (2 if len(owner_train) >= 20_000 else 20)
     torch.manual_seed(args.seed)
     owner = make()
-    fit(owner, owner_train, TrainConfig(epochs=epochs, lr=0.05, seed=args.seed, device="cpu"),
-        desc="owner", progress=progress)
+    fit(
+        owner,
+        owner_train,
+        TrainConfig(epochs=epochs, lr=0.05, seed=args.seed, device="cpu"),
+        desc="owner",
+        progress=progress,
+    )
     grid = tuple((o, float(lr)) for o, lr in (g.split(":") for g in args.grid.split(",")))
     space = SearchSpace(grid=grid, steps=args.steps, checkpoints=args.checkpoints, seed=args.seed)
     fractions = [float(f) for f in args.fractions.split(",") if f]
@@ -183,12 +192,19 @@ def main(args: argparse.Namespace) -> dict:
             for name, (spec, fill, mask, base) in locks.items():
                 det = shadow_detector([ref.model], base, spec, fill, data, fresh_fn(make, 11))
                 got = weight_attacks(
-                    base, spec, fresh_fn(make, args.seed + 7), data, space,
-                    detector=det, attacks=attacks,
+                    base,
+                    spec,
+                    fresh_fn(make, args.seed + 7),
+                    data,
+                    space,
+                    detector=det,
+                    attacks=attacks,
                 )
                 bar.update(len(attacks))
                 for attack, res in got.items():
-                    pos = position_report(owner, spec, res.positions, mask) if res.positions else None
+                    pos = (
+                        position_report(owner, spec, res.positions, mask) if res.positions else None
+                    )
                     acc_rows.setdefault((name, attack), []).append(
                         (accuracy(res.model, test), scratch_acc, res.val_acc, pos, res.search)
                     )

@@ -1,6 +1,6 @@
 """Table and figure of bench/attacks.py; re-draws a finished run from its JSON.
 
-    python bench/attacks_report.py DIR/attacks.json
+python bench/attacks_report.py DIR/attacks.json
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{name} (owner {_pct(lk['owner_acc'])}%)", fontsize=9)
     axes[0][0].set_ylabel("leak = attacked - scratch (pt)")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(f"{result['dataset']} / {result['model']}: what a stolen base is worth", fontsize=10)
+    fig.suptitle(
+        f"{result['dataset']} / {result['model']}: what a stolen base is worth", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

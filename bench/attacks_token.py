@@ -31,7 +31,9 @@ def token_lock_entry(args, bundle, owner_train, test, make, space, refs, progres
     """
     size = _token_size(args, bundle)
     if size is None:
-        print(f"token side skipped: a {args.token_size}-cell token does not fit {bundle.image_size}")
+        print(
+            f"token side skipped: a {args.token_size}-cell token does not fit {bundle.image_size}"
+        )
         return None
     token = Token.generate("binary", size, args.seed + 5)
     cfg = TokenLockConfig(decoy_frac=0.5, near_frac=NEAR_FRAC)

@@ -52,6 +52,7 @@ class PipelineConfig:
     device: str = _help("auto | cpu | cuda | cuda:N", "auto")
     authorized_threshold: float = _help("gate: authorized accuracy >= this (0..1)", 0.70)
     unauthorized_margin: float = _help("gate: unauthorized accuracy <= chance + this", 0.02)
+    max_attack_leak_pt: float | None = _help("gate: attack leak (pt) <= this; unset = off", None)
     tracking_uri: str = _help("MLflow tracking URI (sqlite:///..., http://...)", "")
     artifact_location: str = _help("artifact root for a new experiment (dir or s3://)", "")
     s3_endpoint: str = _help("S3 endpoint URL for artifacts and the DVC s3 remote", "")
@@ -87,6 +88,9 @@ class PipelineConfig:
                 f"token_size should be >= 1 and token_decoys in [0, 1], got "
                 f"{self.token_size!r} and {self.token_decoys!r}"
             )
+        leak = self.max_attack_leak_pt
+        if leak is not None and (isinstance(leak, bool) or not isinstance(leak, int | float)):
+            raise ConfigError(f"max_attack_leak_pt should be a number of points, got {leak!r}")
         if float(self.lr) < 0:
             raise ConfigError(f"lr should be >= 0, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:

@@ -63,7 +63,7 @@ def _fanout(state: dict, names: list[str], i: int) -> torch.Tensor | None:
     """Norm of what each row of tensor ``i`` feeds into the next weight tensor, if found."""
     w = state[names[i]]
     c = w.shape[0]
-    for nxt in names[i + 1 :] + [n for n in state if n not in names]:
+    for nxt in names[i + 1 :]:
         v = state[nxt]
         if v.dim() >= 2 and v.shape[1] % c == 0 and v.shape[1] >= c:
             return v.float().reshape(v.shape[0], c, -1).pow(2).sum((0, 2)).sqrt()
@@ -75,7 +75,7 @@ def row_features(state: dict, names: list[str], granularity: str = "row") -> tor
     """Per-row statistics ``[rows, N_FEATURES]`` of the candidate tensors, in ``names`` order."""
     feats = []
     weights = [n for n in state if state[n].dim() >= 2]
-    for k, name in enumerate(names):
+    for name in names:
         t = state[name].float()
         rows = rows_view(t, granularity)
         norm = rows.norm(dim=1)

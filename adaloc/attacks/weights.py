@@ -99,7 +99,10 @@ def shadow_detector(
     pairs = []
     state = base.state_dict()
     forced = KeyMask(
-        {n: torch.arange(rows_view(state[n], spec.granularity).shape[0]) for n in _forced(base, spec)},
+        {
+            n: torch.arange(rows_view(state[n], spec.granularity).shape[0])
+            for n in _forced(base, spec)
+        },
         spec.granularity,
     )
     for k, model in enumerate([*shadows, refill(base, forced, make_fresh())]):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from pipelines import attack_tasks as AT
 from pipelines import tasks as T
 from pipelines import token_tasks as TT
 from pipelines.flows.common import (
@@ -68,6 +69,8 @@ def lock_flow(
         {"train_seconds": seconds} if seconds else {},
     )
     T.keep_key(key, cfg.owner_dir, 1)
+    if cfg.max_attack_leak_pt is not None:  # the attack gate prices a version before promotion
+        metrics = {**metrics, **AT.attack_metrics(base, key, bundle, cfg, 1, token)}
     passed, reasons = gate(metrics, cfg)
     kv = T.publish_key(
         registry,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from pipelines import attack_tasks as AT
 from pipelines import tasks as T
 from pipelines import token_tasks as TT
 from pipelines.flows.common import (
@@ -61,6 +62,8 @@ def update_flow(
     metrics = T.evaluate(base, new_key, stage.test, version=version, seed=cfg.seed)
     if token is not None:
         metrics = TT.with_two_factor(metrics, TT.two_factor(base, new_key, stage.test, token))
+    if cfg.max_attack_leak_pt is not None:  # the attack gate prices a version before promotion
+        metrics = {**metrics, **AT.attack_metrics(base, new_key, bundle, cfg, version, token)}
     passed, reasons = gate(metrics, cfg)
 
     T.keep_key(new_key, cfg.owner_dir, version)
