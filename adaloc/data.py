@@ -425,11 +425,14 @@ def make_stages(
     base_fraction: float = 0.5,
     val_fraction: float = 0.1,
     update_size: int | None = None,
+    update_fraction: float = 1.0,
 ) -> list[Stage]:
     """Cut `bundle` into a base stage and `updates` update stages on disjoint train slices.
 
     Update 1 is in-distribution; updates 2.. cycle through `shifts`, applied to that stage's
-    train, val and test (the full test set). Deterministic for a given `seed`.
+    train, val and test (the full test set). `update_fraction` keeps only that share of each
+    update stage's *training* images (at least 2; its val split is cut first and kept whole),
+    the small-data case of a site with a few labelled images. Deterministic for a given `seed`.
     """
     if not isinstance(updates, int) or updates < 0:
         raise ConfigError(f"updates must be an int >= 0; got {updates!r}")
@@ -437,6 +440,8 @@ def make_stages(
         raise ConfigError(f"base_fraction must be in (0, 1); got {base_fraction!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1); got {val_fraction!r}")
+    if not isinstance(update_fraction, (int, float)) or not 0.0 < update_fraction <= 1.0:
+        raise ConfigError(f"update_fraction must be in (0, 1]; got {update_fraction!r}")
     unknown = [s for s in shifts if s not in SHIFTS]
     if unknown:
         raise ConfigError(f"unknown shift(s) {unknown}; expected names from {', '.join(SHIFTS)}")
@@ -454,6 +459,9 @@ def make_stages(
     for k in range(updates + 1):
         idx = order[:n_base] if k == 0 else order[n_base + (k - 1) * size : n_base + k * size]
         train, val = _split_val(bundle.train.subset(idx), val_fraction)
+        if k > 0 and update_fraction < 1.0:
+            keep = max(2, int(round(len(train) * update_fraction)))
+            train = train.subset(torch.arange(min(keep, len(train))))
         test = bundle.test
         shift = shifts[(k - 2) % len(shifts)] if k >= 2 and shifts else None
         if shift is not None:

@@ -17,7 +17,11 @@ from torch import nn
 
 from adaloc.errors import ConfigError
 
-SELECTIONS = ("magnitude", "bottom", "random", "saliency")
+SELECTIONS = ("magnitude", "bottom", "random", "saliency", "adaptability")
+# Views of the owner's data that "adaptability" saliency measures gradients under: corruption
+# kinds that the lifecycle bench does NOT use as its update shifts (invert/rotate/contrast),
+# so the rule is not tuned to the shifts it is scored on.
+ADAPTABILITY_VIEWS = ("clean", "blur", "noise", "translate")
 GRANULARITIES = ("row", "element")
 BN_STATS_MODES = ("key", "freeze")
 KEYSPEC_FORMAT_VERSION = 1
@@ -29,14 +33,18 @@ class KeySpec:
     """How a key is chosen.
 
     budget: fraction of the model's parameters that form the key, in (0, 1).
-    selection: "magnitude" (paper: top rows by L1 norm), "bottom", "random", or "saliency"
-        (data-aware: first-order Taylor importance |grad * w| per parameter on owner data).
+    selection: "magnitude" (paper: top rows by L1 norm), "bottom", "random", "saliency"
+        (data-aware: first-order Taylor importance |grad * w| per parameter on owner data) or
+        "adaptability" (the same importance summed over shifted views of the owner data:
+        the weights a shift would need to move, see ADAPTABILITY_VIEWS).
     granularity: "row" (filters / neurons) or "element" (single weights).
     seed: makes "random" selection and any sampling deterministic.
     include_norm: put every normalization-layer scale/shift in the key.
     include_head: put the whole classifier head in the key.
     bn_stats: "key" lets BatchNorm running statistics adapt as part of the key;
         "freeze" keeps them fixed (BatchNorm runs in eval mode during key-only updates).
+    include_stem: put the whole input stem (the first convolution, with its bias) in the
+        key: it sees every input statistic, so an update can undo an input shift there.
     """
 
     budget: float = 0.05
@@ -46,6 +54,7 @@ class KeySpec:
     include_norm: bool = True
     include_head: bool = True
     bn_stats: str = "key"
+    include_stem: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, (int, float)) or not 0.0 < float(self.budget) < 1.0:
@@ -141,13 +150,22 @@ def head_module_name(model: nn.Module) -> str:
     return last
 
 
+def stem_module_name(model: nn.Module) -> str | None:
+    """Name of the input stem: the first ``nn.Conv2d`` in module order (None without one)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return name
+    return None
+
+
 def _forced_names(model: nn.Module, spec: KeySpec) -> list[str]:
-    """Tensors that go into the key whole (norm layers, head, BatchNorm statistics)."""
+    """Tensors that go into the key whole (norm layers, head, stem, BatchNorm statistics)."""
     names: list[str] = []
     head = head_module_name(model) if spec.include_head else None
+    stem = stem_module_name(model) if spec.include_stem else None
     for mname, module in model.named_modules():
         prefix = f"{mname}." if mname else ""
-        whole = (spec.include_norm and isinstance(module, _NORM_TYPES)) or mname == head
+        whole = (spec.include_norm and isinstance(module, _NORM_TYPES)) or mname in (head, stem)
         if whole:
             names += [prefix + p for p, _ in module.named_parameters(recurse=False)]
         bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
@@ -156,24 +174,43 @@ def _forced_names(model: nn.Module, spec: KeySpec) -> list[str]:
     return names
 
 
-def _saliency(model: nn.Module, data, n_batches: int = 8, batch_size: int = 128) -> dict:
-    """|grad * w| accumulated over a few owner batches (first-order Taylor importance)."""
+def _view(x: torch.Tensor, view: str, seed: int) -> torch.Tensor:
+    if view == "clean":
+        return x
+    if view == "translate":
+        # a shift by ~1/8 of the side: geometric, unlike the photometric views
+        dy, dx = max(1, x.shape[-2] // 8), max(1, x.shape[-1] // 8)
+        return torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+    from adaloc.shifts import apply_shift
+
+    return apply_shift(x, view, seed=seed)
+
+
+def _saliency(
+    model: nn.Module,
+    data,
+    views: tuple[str, ...] = ("clean",),
+    n_batches: int = 8,
+    batch_size: int = 128,
+) -> dict:
+    """|grad * w| accumulated over a few owner batches and ``views`` (Taylor importance)."""
     if data is None:
-        raise ConfigError("selection='saliency' needs owner data: pass data=<ImageSet>")
+        raise ConfigError("saliency-based selection needs owner data: pass data=<ImageSet>")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     grads = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(data.y), generator=g)[: n_batches * batch_size]
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        x, y = data.x[idx].to(device), data.y[idx].to(device)
-        model.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        for n, p in model.named_parameters():
-            if p.grad is not None:
-                grads[n] += (p.grad * p.detach()).abs()
+    for k, view in enumerate(views):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            x = _view(data.x[idx], view, seed=k * 100003 + start).to(device)
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), data.y[idx].to(device)).backward()
+            for n, p in model.named_parameters():
+                if p.grad is not None:
+                    grads[n] += (p.grad * p.detach()).abs()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return grads
@@ -202,7 +239,8 @@ def select_key(model: nn.Module, spec: KeySpec, *, data=None) -> KeyMask:
         )
     # Candidate units: rows/elements of weight matrices and conv filters; a row carries its
     # bias element with it, so a keyed neuron is wholly secret.
-    sal = _saliency(model, data) if spec.selection == "saliency" else None
+    views = {"saliency": ("clean",), "adaptability": ADAPTABILITY_VIEWS}.get(spec.selection)
+    sal = _saliency(model, data, views) if views else None
     cand = [n for n, p in params.items() if p.dim() >= 2 and n not in indices]
     biases, scores, costs, owner, row_of = [], [], [], [], []
     for k, n in enumerate(cand):
@@ -213,7 +251,7 @@ def select_key(model: nn.Module, spec: KeySpec, *, data=None) -> KeyMask:
         cost = torch.full((rows.shape[0],), float(rows.shape[1] + int(has_bias)))
         if spec.selection in ("magnitude", "bottom"):
             s = rows.abs().sum(1).float().cpu()
-        elif spec.selection == "saliency":
+        elif sal is not None:
             s = rows_view(sal[n], gran).sum(1).float().cpu() / cost
         else:
             s = torch.zeros(rows.shape[0])

@@ -7,9 +7,13 @@ AdamW's decoupled decay still moved the "frozen" network):
 1. tensors without key positions are excluded from the optimizer and get no gradient;
 2. gradients of keyed tensors are masked to the key positions (so momentum and Adam moments
    stay zero outside the key);
-3. after every optimizer step every non-key value is written back from a snapshot taken at
-   the start (this also undoes weight decay), and so are buffers outside the key;
-4. BatchNorm layers whose statistics are not in the key run in eval mode.
+3. after every optimizer step the non-key values of *partly keyed* tensors are written back
+   from a snapshot taken at the start (this also undoes weight decay there); tensors wholly
+   in the key have nothing to write back, and tensors without key positions cannot move
+   (no gradient, not in the optimizer), so nothing else is copied per step;
+4. BatchNorm layers whose statistics are not in the key run in eval mode; buffers outside
+   the key (e.g. ``num_batches_tracked`` of a keyed BatchNorm, which only counts steps) are
+   written back at every epoch end (before any callback sees the model) and at close.
 """
 
 from __future__ import annotations
@@ -92,12 +96,17 @@ class KeyGuard:
                 self._hooks.append(p.register_hook(lambda g, keep=keep: g * keep))
             else:
                 p.requires_grad_(False)
-        # snapshot of everything that could change: keyed params and every buffer
+        # Snapshot of everything that could change. Per step only partly keyed tensors are
+        # written back: a full write-back of every buffer cost ~10% of a key-only epoch.
         buffers = dict(model.named_buffers())
-        self._frozen = {
-            n: t.detach().clone() for n, t in state.items() if n in self._pos or n in buffers
+        self._partial = {
+            n: (state[n], self._pos[n], state[n].detach()[~self._pos[n]].clone())
+            for n in self._pos
+            if not bool(self._pos[n].all())
         }
-        self._live = {n: state[n] for n in self._frozen}
+        self._buffers = {
+            n: (t, t.detach().clone()) for n, t in buffers.items() if n not in self._pos
+        }
 
     def trainable(self) -> list[nn.Parameter]:
         """Parameters that hold key positions: the only ones an optimizer should get."""
@@ -114,16 +123,20 @@ class KeyGuard:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Write every non-key value back to its snapshot."""
-        for n, live in self._live.items():
-            frozen = self._frozen[n]
-            if n in self._pos:
-                live.copy_(torch.where(self._pos[n], live, frozen))
-            else:
-                live.copy_(frozen)
+        """Write the non-key values of partly keyed tensors back to their snapshot."""
+        for live, pos, frozen in self._partial.values():
+            live.data[~pos] = frozen
+
+    @torch.no_grad()
+    def restore_buffers(self) -> None:
+        """Write buffers outside the key (e.g. BatchNorm step counters) back."""
+        for live, frozen in self._buffers.values():
+            live.copy_(frozen)
 
     def close(self) -> None:
-        """Remove hooks and restore the requires_grad flags."""
+        """Restore buffers, remove hooks and restore the requires_grad flags."""
+        self.restore()
+        self.restore_buffers()
         for h in self._hooks:
             h.remove()
         for n, p in self.model.named_parameters():
@@ -176,7 +189,7 @@ def run_loop(
     generator: torch.Generator | None = None,
     batch_fn: Callable | None = None,
     loss_fn: Callable | None = None,
-    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+    on_epoch_end: Callable[[int, nn.Module], bool | None] | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> TrainReport:
@@ -185,7 +198,8 @@ def run_loop(
     ``forward`` is the module called on batches (``model`` itself or its DDP wrapper);
     ``epoch_batches()`` yields one epoch of ``(x, y)`` batches (in-memory slices via
     :func:`index_epochs`, or any ``DataLoader``); ``generator`` is handed to ``batch_fn``.
-    Closes ``guard`` at the end.
+    ``on_epoch_end(epoch, model)`` returning True stops training early (early stopping on a
+    validation split). Closes ``guard`` at the end.
     """
     params = guard.trainable() if guard else [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
@@ -225,8 +239,11 @@ def run_loop(
                 bar.update(1)
                 bar.set_postfix(loss=f"{running / seen:.3f}", epoch=epoch + 1)
             report.losses.append(running / max(seen, 1))
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, model)
+            if guard:
+                # once per epoch, not per step: callbacks snapshot a model that is whole
+                guard.restore_buffers()
+            if on_epoch_end is not None and on_epoch_end(epoch, model) is True:
+                break
     finally:
         bar.close()
         if guard:
@@ -244,7 +261,7 @@ def fit(
     mask: KeyMask | None = None,
     batch_fn: Callable | None = None,
     loss_fn: Callable | None = None,
-    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+    on_epoch_end: Callable[[int, nn.Module], bool | None] | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> TrainReport:

@@ -6,6 +6,11 @@
 Writes DIR/lifecycle.json and DIR/lifecycle.png. ``--rules magnitude,saliency,random`` also
 runs the same updates for other selection rules (same base, same data) and reports them
 side by side under "rules".
+
+Every update, key-only and the full fine-tuning reference alike, runs
+:func:`adaloc.adapt.adapt`: BatchNorm statistics re-estimated on the stage, then a step budget
+chosen on the stage's validation split (the recipe's defaults, :class:`UpdateRecipe`, are the
+pipelines' too). ``--update-fraction 0.1`` keeps 10% of each update stage's training images.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from adaloc.adapt import UpdateRecipe, adapt
 from adaloc.artifact import encode_base, encode_key
 from adaloc.data import load_dataset, make_stages
 from adaloc.evaluate import accuracy, chance_level
@@ -57,6 +63,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-norm-in-key", action="store_true", help="leave normalization layers out of the key"
     )
+    p.add_argument(
+        "--stem-in-key",
+        default="default",
+        choices=("default", "yes", "no"),
+        help="put the input stem conv in the key (default: KeySpec's default)",
+    )
     p.add_argument("--no-head-in-key", action="store_true", help="leave the head out of the key")
     p.add_argument(
         "--shifts",
@@ -67,8 +79,34 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--rules", default="", help="also compare these selection rules, e.g. magnitude,random"
     )
     p.add_argument("--lr", type=float, default=0.05, help="learning rate of base training")
-    p.add_argument("--update-lr", type=float, default=0.05, help="learning rate of updates")
+    rec = UpdateRecipe()
+    p.add_argument(
+        "--update-lr", type=float, default=rec.lr, help="learning rate of key-only updates"
+    )
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw", "adam"))
+    p.add_argument("--update-optimizer", default=rec.optimizer, choices=("sgd", "adamw", "adam"))
+    p.add_argument("--min-steps", type=int, default=rec.min_steps, help="update step budget floor")
+    p.add_argument("--max-epochs", type=int, default=rec.max_epochs, help="update epoch cap")
+    p.add_argument(
+        "--patience-steps",
+        type=int,
+        default=rec.patience_steps,
+        help="update steps without val gain before stopping",
+    )
+    p.add_argument(
+        "--no-bn-recalibration",
+        action="store_true",
+        help="do not re-estimate BatchNorm statistics on each update stage",
+    )
+    p.add_argument(
+        "--update-fraction",
+        type=float,
+        default=1.0,
+        help="share of each update stage's training images to use (e.g. 0.1)",
+    )
+    p.add_argument(
+        "--no-speed", action="store_true", help="skip the side-by-side samples/s measurement"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/lifecycle", help="output folder")
@@ -77,7 +115,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _spec(args, selection: str) -> KeySpec:
+    stem = {"yes": {"include_stem": True}, "no": {"include_stem": False}}.get(args.stem_in_key, {})
     return KeySpec(
+        **stem,
         budget=args.key_budget,
         selection=selection,
         granularity=args.granularity,
@@ -88,7 +128,20 @@ def _spec(args, selection: str) -> KeySpec:
     )
 
 
-def run_chain(model, spec, stages, update_cfg, *, progress=True, with_full=True) -> dict:
+def _recipe(args) -> UpdateRecipe:
+    return UpdateRecipe(
+        optimizer=args.update_optimizer,
+        lr=args.update_lr,
+        min_steps=args.min_steps,
+        max_epochs=args.max_epochs,
+        patience_steps=args.patience_steps,
+        recalibrate_bn=not args.no_bn_recalibration,
+    )
+
+
+def run_chain(
+    model, spec, stages, recipe, full_cfg, *, epochs, seed=0, progress=True, with_full=True
+) -> dict:
     """Lock ``model`` with ``spec`` and run every update stage key-only (and fully, to compare)."""
     mask = select_key(model, spec, data=stages[0].train)
     base, key = lock(model, mask)
@@ -98,14 +151,13 @@ def run_chain(model, spec, stages, update_cfg, *, progress=True, with_full=True)
     versions = []
     owner, full = model, copy.deepcopy(model)
     for stage in stages:
-        seconds = 0.0
+        update = full_update = None
         if stage.index > 0:
             owner = unlock(base, key)
-            cfg = dataclasses.replace(update_cfg, seed=update_cfg.seed + stage.index)
-            rep = fit(
-                owner, stage.train, cfg, mask=mask, progress=progress, desc=f"key-only {stage.name}"
-            )
-            seconds = rep.seconds
+            kw = {"epochs": epochs, "seed": seed + stage.index, "progress": progress}
+            update = adapt(
+                owner, stage.train, stage.val, mask=mask, recipe=recipe, desc="key-only", **kw
+            ).to_dict()
             key = extract_key(
                 owner,
                 mask,
@@ -114,7 +166,16 @@ def run_chain(model, spec, stages, update_cfg, *, progress=True, with_full=True)
                 parent=stage.index,
             )
             if with_full:
-                fit(full, stage.train, cfg, progress=progress, desc=f"full FT {stage.name}")
+                full_update = adapt(
+                    full,
+                    stage.train,
+                    stage.val,
+                    mask=None,
+                    recipe=recipe,
+                    cfg=full_cfg,
+                    desc="full FT",
+                    **kw,
+                ).to_dict()
         authorized = unlock(base, key)
         versions.append(
             {
@@ -122,6 +183,8 @@ def run_chain(model, spec, stages, update_cfg, *, progress=True, with_full=True)
                 "stage": stage.name,
                 "shifted": stage.shifted,
                 "shift": stage.shift,
+                "train_images": len(stage.train),
+                "val_images": len(stage.val),
                 "authorized_acc": accuracy(authorized, stage.test),
                 "unauthorized_acc": accuracy(base, stage.test),
                 "random_key_acc": accuracy(
@@ -131,16 +194,45 @@ def run_chain(model, spec, stages, update_cfg, *, progress=True, with_full=True)
                 "key_bytes": len(encode_key(key)),
                 "base_bytes": base_bytes,
                 "outside_key_sha256": outside_key_sha256(authorized, mask),
-                "seconds": round(seconds, 2),
+                "seconds": round(update["seconds"], 2) if update else 0.0,
+                "update": update,
+                "full_update": full_update,
             }
         )
         assert versions[-1]["outside_key_sha256"] == outside, "key-only update left the key"
     return {
         "mask": mask,
         "base": base,
+        "key": key,
         "params_in_key": mask.params_in_key(model),
         "params_total": total,
         "versions": versions,
+    }
+
+
+def measure_speed(
+    model, mask, data, recipe, full_cfg, *, repeats: int = 2, limit: int = 4096
+) -> dict:
+    """Samples/s of one key-only epoch and one full fine-tuning epoch, side by side.
+
+    Alternates the two ``repeats`` times on copies of the same model and the same images
+    (the first ``limit`` of ``data``); the best of each counts: the machine is shared, and
+    the fastest run is the least disturbed one.
+    """
+    data = data.subset(torch.arange(min(limit, len(data))))
+    key_cfg = recipe.train_config(epochs=1, seed=0, device=full_cfg.device)
+    full_cfg = dataclasses.replace(full_cfg, epochs=1, batch_size=recipe.batch_size)
+    best = {"key_only": 0.0, "full": 0.0}
+    for _ in range(repeats):
+        for name, cfg, m in (("key_only", key_cfg, mask), ("full", full_cfg, None)):
+            rep = fit(copy.deepcopy(model), data, cfg, mask=m, progress=False)
+            best[name] = max(best[name], len(data) / rep.seconds)
+    return {
+        "images": len(data),
+        "key_only_samples_per_s": round(best["key_only"], 1),
+        "full_samples_per_s": round(best["full"], 1),
+        "ratio": round(best["key_only"] / best["full"], 3),
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -185,7 +277,13 @@ def main(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     bundle = load_dataset(args.dataset, args.data_root)
     shifts = tuple(s for s in args.shifts.split(",") if s)
-    stages = make_stages(bundle, updates=args.updates, seed=args.seed, shifts=shifts)
+    stages = make_stages(
+        bundle,
+        updates=args.updates,
+        seed=args.seed,
+        shifts=shifts,
+        update_fraction=args.update_fraction,
+    )
     model = build_model(
         args.model,
         in_channels=bundle.in_channels,
@@ -197,9 +295,10 @@ def main(args: argparse.Namespace) -> dict:
     )
     fit(model, stages[0].train, base_cfg, progress=progress, desc="train base")
     model.to("cpu")
-    update_cfg = dataclasses.replace(base_cfg, lr=args.update_lr)
+    recipe = _recipe(args)
     spec = _spec(args, args.selection)
-    chain = run_chain(model, spec, stages, update_cfg, progress=progress)
+    chain_kw = {"epochs": args.epochs, "seed": args.seed, "progress": progress}
+    chain = run_chain(model, spec, stages, recipe, base_cfg, **chain_kw)
     result = {
         "dataset": args.dataset,
         "model": args.model,
@@ -212,18 +311,23 @@ def main(args: argparse.Namespace) -> dict:
             "include_norm": spec.include_norm,
             "include_head": spec.include_head,
             "bn_stats": spec.bn_stats,
+            "include_stem": spec.include_stem,
             "params_in_key": chain["params_in_key"],
             "params_total": chain["params_total"],
         },
         "base_sha256": state_sha256(chain["base"]),
+        "recipe": recipe.to_dict(),
+        "update_fraction": args.update_fraction,
         "versions": chain["versions"],
     }
+    if not args.no_speed and len(stages) > 1:
+        result["speed"] = measure_speed(model, chain["mask"], stages[1].train, recipe, base_cfg)
     rules = [r for r in args.rules.split(",") if r and r != args.selection]
     if rules:
         result["rules"] = {args.selection: _rule_row(chain)}
         for rule in rules:
             other = run_chain(
-                model, _spec(args, rule), stages, update_cfg, progress=progress, with_full=False
+                model, _spec(args, rule), stages, recipe, base_cfg, with_full=False, **chain_kw
             )
             result["rules"][rule] = _rule_row(other)
     result["seconds_total"] = round(time.perf_counter() - t0, 1)
@@ -258,19 +362,27 @@ def _print_table(result: dict) -> None:
         f"key {result['key']['params_in_key']}/{result['key']['params_total']} params"
     )
     print(
-        f"{'ver':>3} {'stage':<18} {'auth':>6} {'full':>6} {'unauth':>6} {'randkey':>7} "
-        f"{'key B':>8} {'base B':>8}"
+        f"{'ver':>3} {'stage':<18} {'n':>5} {'auth':>6} {'full':>6} {'gap':>6} {'unauth':>6} "
+        f"{'randkey':>7} {'steps':>5} {'key B':>8} {'base B':>8}"
     )
     for v in result["versions"]:
         full = v["full_finetune_acc"]
+        steps = v["update"]["steps"] if v["update"] else 0
         print(
-            f"{v['version']:>3} {v['stage']:<18} {100 * v['authorized_acc']:6.2f} "
-            f"{100 * full:6.2f} {100 * v['unauthorized_acc']:6.2f} "
-            f"{100 * v['random_key_acc']:7.2f} {v['key_bytes']:>8} {v['base_bytes']:>8}"
+            f"{v['version']:>3} {v['stage']:<18} {v['train_images']:>5} "
+            f"{100 * v['authorized_acc']:6.2f} {100 * full:6.2f} "
+            f"{100 * (v['authorized_acc'] - full):+6.2f} {100 * v['unauthorized_acc']:6.2f} "
+            f"{100 * v['random_key_acc']:7.2f} {steps:>5} {v['key_bytes']:>8} {v['base_bytes']:>8}"
         )
     for rule, row in result.get("rules", {}).items():
         accs = " ".join(f"{100 * v['authorized_acc']:6.2f}" for v in row["versions"])
         print(f"rule {rule:<10} authorized per version: {accs}")
+    if "speed" in result:
+        sp = result["speed"]
+        print(
+            f"samples/s key-only {sp['key_only_samples_per_s']} vs full {sp['full_samples_per_s']}"
+            f" (ratio {sp['ratio']})"
+        )
     print(f"total {result['seconds_total']} s")
 
 

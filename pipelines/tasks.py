@@ -20,9 +20,6 @@ from pipelines.data_version import data_version
 
 IO = {"retries": 3, "retry_delay_seconds": [1, 5, 15], "cache_policy": NO_CACHE}
 LOCAL = {"cache_policy": NO_CACHE, "persist_result": False}
-# Key-only step size of the flows and demo. bench/lifecycle.py measured 0.05 closer to full
-# fine-tuning under domain shift; the demo's published figures were made with 0.01.
-UPDATE_LR = 0.01
 
 
 # ---------------------------------------------------------------- data
@@ -62,18 +59,36 @@ def stage_for_version(version: int, updates: int) -> int:
 
 # ---------------------------------------------------------------- training (adaloc)
 def train_config(cfg: PipelineConfig, *, key_only: bool, seed_offset: int = 0):
-    """The adaloc TrainConfig for base training or a key-only update."""
+    """The adaloc TrainConfig for base training or a key-only update.
+
+    Key-only updates take their optimizer and step size from adaloc's UpdateRecipe, the
+    defaults bench/lifecycle.py measured (one source); ``cfg.lr`` > 0 overrides the rate.
+    """
     from adaloc.training import TrainConfig
 
-    kwargs = {"lr": cfg.lr} if cfg.lr else ({"lr": UPDATE_LR} if key_only else {})
+    if key_only:
+        rec = update_recipe(cfg)
+        tc = rec.train_config(epochs=cfg.key_epochs, seed=cfg.seed + seed_offset, device=cfg.device)
+        return tc
+    kwargs = {"lr": cfg.lr} if cfg.lr else {}
     return TrainConfig(
-        epochs=cfg.key_epochs if key_only else cfg.epochs,
+        epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         optimizer=cfg.optimizer,
         seed=cfg.seed + seed_offset,
         device=cfg.device,
         **kwargs,
     )
+
+
+def update_recipe(cfg: PipelineConfig):
+    """adaloc's key-only update recipe (its defaults; ``cfg.lr`` > 0 overrides the rate)."""
+    import dataclasses
+
+    from adaloc.adapt import UpdateRecipe
+
+    rec = UpdateRecipe()
+    return dataclasses.replace(rec, lr=cfg.lr) if cfg.lr else rec
 
 
 @task(name="build model", **LOCAL)
@@ -176,12 +191,25 @@ def restore(base, key):
 
 
 @task(name="key-only training", task_run_name="key-only training v{version}", **LOCAL)
-def train_key(model, train, mask, cfg: PipelineConfig, version: int, progress: bool = True):
-    """Train only the key positions on the new data (KeyGuard keeps the rest bit-identical)."""
-    from adaloc.training import fit
+def train_key(model, stage, mask, cfg: PipelineConfig, version: int, progress: bool = True):
+    """Key-only update on ``stage`` with adaloc's recipe (budget chosen on ``stage.val``).
 
-    tc = train_config(cfg, key_only=True, seed_offset=version)
-    report = fit(model, train, tc, mask=mask, desc=f"key-only v{version}", progress=progress)
+    KeyGuard keeps everything outside the key bit-identical; ``cfg.key_epochs`` is the floor.
+    """
+    from adaloc.adapt import adapt
+
+    report = adapt(
+        model,
+        stage.train,
+        stage.val,
+        mask=mask,
+        recipe=update_recipe(cfg),
+        epochs=cfg.key_epochs,
+        seed=cfg.seed + version,
+        device=cfg.device,
+        desc=f"key-only v{version}",
+        progress=progress,
+    )
     model.to("cpu")
     return report
 

@@ -52,7 +52,7 @@ def update_flow(
     token = TT.load_token(cfg) if cfg.token else None
     if token is None:
         model = T.restore(base, key)
-        seconds = T.train_key(model, stage.train, key.mask, cfg, version, progress).seconds
+        seconds = T.train_key(model, stage, key.mask, cfg, version, progress).seconds
         new_key = T.extract_key(model, key.mask, key.base_sha256, version, parent)
     else:
         new_key, seconds = TT.token_key_update(

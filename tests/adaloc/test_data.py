@@ -212,6 +212,19 @@ def test_make_stages_sizes_and_errors() -> None:
         make_stages(bundle, updates=1, base_fraction=1.0)
 
 
+def test_update_fraction_shrinks_update_training_sets_only() -> None:
+    bundle = tiny_bundle()
+    full = make_stages(bundle, updates=2, seed=3)
+    small = make_stages(bundle, updates=2, seed=3, update_fraction=0.1)
+    assert torch.equal(small[0].train.x, full[0].train.x)  # the base keeps all its data
+    for a, b in zip(full[1:], small[1:], strict=True):
+        assert len(b.train) == round(0.1 * len(a.train))
+        assert torch.equal(b.train.x, a.train.x[: len(b.train)])  # a prefix of the same slice
+        assert torch.equal(b.val.x, a.val.x)  # the val split is cut first and kept whole
+    with pytest.raises(ConfigError, match="update_fraction"):
+        make_stages(bundle, updates=2, update_fraction=0.0)
+
+
 @pytest.mark.parametrize("name", SHIFTS)
 def test_each_shift_changes_images_deterministically(name: str) -> None:
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
