@@ -15,18 +15,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from registry.errors import NotFoundError, RegistryError
+from registry.errors import BadFileError, NotFoundError, RegistryError
 from registry.fsutil import atomic_write_json, read_json
-from registry.sealing import (
+from registry.keyfiles import (
     OWNER_PRIVATE_FILE,
     OWNER_PUBLIC_FILE,
+    _public_pem,
     generate_owner_keys,
     key_fingerprint,
     load_private_key,
-    seal,
+    load_public_key,
+    passphrase_from_env,
 )
+from registry.sealing import seal
 
 SITES_FILE = "sites.json"
 SITES_FORMAT_VERSION = 1
@@ -60,20 +64,48 @@ class SiteEntry:
         return d
 
 
-class OwnerKeyring:
-    """Folder holding owner.key (0600), owner.pub and sites.json."""
+def _entry(raw, path: Path, i: int) -> SiteEntry:
+    """One sites.json entry, type-checked (a hand-edited or corrupt file names the entry)."""
+    need = ("site_id", "fingerprint", "public_key", "added_at")
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(k), str) for k in need):
+        raise BadFileError(
+            f"{path}: site entry #{i} is not an object with string {', '.join(need)}; "
+            "restore sites.json from a backup"
+        )
+    revoked = raw.get("revoked_at")
+    if revoked is not None and not isinstance(revoked, str):
+        raise BadFileError(f"{path}: site entry #{i} has revoked_at={revoked!r}")
+    return SiteEntry(*(raw[k] for k in need), revoked_at=revoked)
 
-    def __init__(self, directory: str | Path):
+
+class OwnerKeyring:
+    """Folder holding owner.key (0600, optionally passphrase-encrypted), owner.pub, sites.json.
+
+    ``passphrase`` unlocks an encrypted owner.key; without it the key's passphrase is read
+    from ``ADALOC_OWNER_PASSPHRASE`` / ``ADALOC_OWNER_PASSPHRASE_FILE`` when it is needed.
+    """
+
+    def __init__(self, directory: str | Path, *, passphrase: bytes | None = None):
         self.directory = Path(directory)
+        self._passphrase = passphrase
 
     @classmethod
-    def init(cls, directory: str | Path, *, overwrite: bool = False) -> OwnerKeyring:
-        """Create owner keys and an empty site list in ``directory``."""
-        keyring = cls(directory)
-        generate_owner_keys(keyring.directory, overwrite=overwrite)
+    def init(
+        cls, directory: str | Path, *, overwrite: bool = False, passphrase: bytes | None = None
+    ) -> OwnerKeyring:
+        """Create owner keys (encrypted with ``passphrase`` if given) and an empty site list."""
+        keyring = cls(directory, passphrase=passphrase)
+        generate_owner_keys(keyring.directory, overwrite=overwrite, passphrase=passphrase)
         if overwrite or not keyring._sites_path.exists():
             keyring._save([])
         return keyring
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The owner's Ed25519 signing key (decrypted with the passphrase when encrypted)."""
+        passphrase = self._passphrase or passphrase_from_env()
+        return load_private_key(
+            self.directory / OWNER_PRIVATE_FILE, Ed25519PrivateKey, passphrase=passphrase
+        )
 
     @property
     def _sites_path(self) -> Path:
@@ -84,11 +116,15 @@ class OwnerKeyring:
         """The owner's Ed25519 public key (PEM) that sites verify signatures with."""
         path = self.directory / OWNER_PUBLIC_FILE
         try:
-            return path.read_bytes()
+            pem = path.read_bytes()
         except FileNotFoundError as err:
             raise NotFoundError(
                 f"owner public key {path} not found; run `adaloc keys owner-init {self.directory}`"
             ) from err
+        except OSError as err:
+            raise BadFileError(f"owner public key {path} is not readable: {err}") from err
+        load_public_key(pem, Ed25519PublicKey, f"owner public key {path}")
+        return pem
 
     def _load(self) -> list[SiteEntry]:
         data = read_json(self._sites_path)
@@ -96,7 +132,13 @@ class OwnerKeyring:
             raise NotFoundError(
                 f"{self._sites_path} not found; run `adaloc keys owner-init {self.directory}`"
             )
-        return [SiteEntry(**s) for s in data.get("sites", [])]
+        sites = data.get("sites")
+        if data.get("format_version") != SITES_FORMAT_VERSION or not isinstance(sites, list):
+            raise BadFileError(
+                f"{self._sites_path} is not a sites list (format_version "
+                f"{SITES_FORMAT_VERSION} with a 'sites' array); restore it from a backup"
+            )
+        return [_entry(raw, self._sites_path, i) for i, raw in enumerate(sites)]
 
     def _save(self, sites: list[SiteEntry]) -> None:
         atomic_write_json(
@@ -114,16 +156,16 @@ class OwnerKeyring:
             raise RegistryError(
                 f"site id {site_id!r} is invalid; use 1-64 letters, digits, '.', '_' or '-'"
             )
-        pem = public_key if isinstance(public_key, bytes) else Path(public_key).read_bytes()
-        try:
-            key = serialization.load_pem_public_key(pem)
-        except ValueError as err:
-            raise RegistryError(f"public key for site {site_id!r} is not a PEM key") from err
-        if not isinstance(key, X25519PublicKey):
-            raise RegistryError(
-                f"public key for site {site_id!r} is {type(key).__name__}, expected X25519 "
-                "(create it with `adaloc site init`)"
-            )
+        if isinstance(public_key, bytes):
+            pem, what = public_key, f"public key for site {site_id!r}"
+        else:
+            what = f"public key for site {site_id!r} ({public_key})"
+            try:
+                pem = Path(public_key).read_bytes()
+            except OSError as err:
+                raise BadFileError(f"cannot read the {what}: {err}") from err
+        key = load_public_key(pem, X25519PublicKey, what + " (create it with `adaloc site init`)")
+        pem = _public_pem(key)  # canonical PEM: nothing but the key reaches sites.json
         sites = self._load()
         if any(s.site_id == site_id for s in sites):
             raise RegistryError(
@@ -150,8 +192,9 @@ class OwnerKeyring:
 
     def seal(self, parts: dict[str, bytes], header: dict) -> bytes:
         """Seal ``parts`` for every authorised site and sign with the owner key."""
-        signing_key = load_private_key(self.directory / OWNER_PRIVATE_FILE)
-        return seal(parts, header=header, recipients=self.recipients(), signing_key=signing_key)
+        return seal(
+            parts, header=header, recipients=self.recipients(), signing_key=self.signing_key()
+        )
 
     def idempotency_key(self, *chunks: bytes | str) -> str:
         """Deterministic id of a publication, keyed by the owner's secret.
@@ -159,8 +202,7 @@ class OwnerKeyring:
         An HMAC (not a plain hash) so the id stored in MLflow tags cannot confirm a guessed
         key or token, yet a retry of the same publication finds the same run.
         """
-        private = load_private_key(self.directory / OWNER_PRIVATE_FILE)
-        secret = private.private_bytes(
+        secret = self.signing_key().private_bytes(
             serialization.Encoding.Raw,
             serialization.PrivateFormat.Raw,
             serialization.NoEncryption(),

@@ -20,17 +20,21 @@ from mlflow.exceptions import MlflowException
 
 from adaloc.formats import BASE_FILE, MODEL_CARD_FILE, sha256_bytes, sha256_file
 from registry import records as R
+from registry import release, trust_io
 from registry.errors import (
     BaseMismatchError,
     IntegrityError,
     NotFoundError,
     RegistryError,
+    TrustError,
     VersionConflictError,
 )
+from registry.fetch import fetch
 from registry.mlflow_io import MlflowStore, git_sha
 from registry.records import BaseVersion, KeyVersion
-from registry.sealing import key_fingerprint, read_header, verify_sealed
+from registry.sealing import read_header, verify_sealed
 from registry.sites import OwnerKeyring
+from registry.trust import DEFAULT_TIMESTAMP_EXPIRY
 
 _MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
@@ -58,6 +62,12 @@ def _as_bytes(obj) -> bytes | None:
 class KeyRegistry(MlflowStore):
     """Registered models `<name>-base` and `<name>-key` in one MLflow experiment `<name>`."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timestamp_expiry = DEFAULT_TIMESTAMP_EXPIRY  # re-signed by the retrain flow
+        # base sha256 -> targets entries computed from the owner's own files (publish_base)
+        self._local_bases: dict[str, dict] = {}
+
     # -- base ------------------------------------------------------------------------------
 
     def publish_base(
@@ -83,6 +93,7 @@ class KeyRegistry(MlflowStore):
         file_sha, size = sha256_file(base_file), base_file.stat().st_size
         for bv in self.bases():
             if bv.base_sha256 == base_sha256:
+                self._remember_base(bv, base_file, card_file)
                 return bv
         # Keyed on the state sha only: re-saving the same base gives other file bytes.
         idem = sha256_bytes(f"base|{self.model_name}|{base_sha256}".encode())[:32]
@@ -111,7 +122,20 @@ class KeyRegistry(MlflowStore):
         }
         mv = self._register(self.base_name, run_id, source, tags)
         self._mark_ready(self.base_name, mv, run_id)
-        return self.base(base_sha256)
+        bv = self.base(base_sha256)
+        self._remember_base(bv, base_file, card_file)
+        return bv
+
+    def _remember_base(self, bv: BaseVersion, base_file: Path, card_file: Path) -> None:
+        """Keep the owner's own file hashes of this base for the targets records it signs."""
+        if sha256_file(base_file) == bv.file_sha256 and base_file.stat().st_size == bv.bytes:
+            card = card_file.read_bytes()
+            stored = trust_io.read_artifact(
+                self, bv.run_id, f"{R.BASE_DIR}/{MODEL_CARD_FILE}", max_bytes=len(card),
+                sha256=sha256_bytes(card), length=len(card),
+            )  # fmt: skip
+            if stored == card:
+                self._local_bases[bv.base_sha256] = _base_file_entries(bv, card)
 
     @staticmethod
     def _adopt_stored_base(path: Path, base_sha256: str, run_id: str) -> tuple[str, int]:
@@ -171,36 +195,53 @@ class KeyRegistry(MlflowStore):
         key_spec: dict | str | None = None,
         aliases: tuple[str, ...] | list[str] = (),
         run_id: str | None = None,
+        gate: bool | None = None,
+        auto_version: bool = False,
     ) -> KeyVersion:
-        """Seal ``key`` (+ token) for the authorised sites and publish it as a key version."""
-        if isinstance(key, bytes):
-            key_bytes = key
-        else:
-            from adaloc.artifact import encode_key
+        """Seal ``key`` (+ token) for the authorised sites and publish it as a key version.
 
-            key_bytes = encode_key(key)
-            version = key.version if version is None else version
-            parent = key.parent if parent is None else parent
-            base_sha256 = key.base_sha256 if base_sha256 is None else base_sha256
-        if version is None or base_sha256 is None:
-            raise RegistryError("publish_key needs version and base_sha256 for raw key bytes")
-        if parent is not None and parent >= version:
-            raise RegistryError(f"parent {parent} must be older than key version {version}")
+        The key version number is MLflow's model version number of ``<name>-key`` (one
+        source, assigned atomically by the server): ``version`` (default: the key's own) is
+        what the caller expects and is checked; ``auto_version=True`` takes whatever number
+        the server hands out (concurrent publishers each get their own). Then the
+        owner-signed targets record and timestamp are written.
+        """
+        from dataclasses import replace
+
+        from adaloc.artifact import encode_key
+        from adaloc.lock import Key
+
+        if isinstance(key, bytes):
+            if version is None or base_sha256 is None:
+                raise RegistryError("publish_key needs version and base_sha256 for raw key bytes")
+            from adaloc.artifact import decode_key
+
+            key = decode_key(key)
+        parent = key.parent if parent is None else parent
+        base_sha256 = key.base_sha256 if base_sha256 is None else base_sha256
+        version = None if auto_version else (key.version if version is None else version)
+        if not isinstance(key, Key):
+            raise RegistryError(f"publish_key needs an adaloc Key, got {type(key).__name__}")
         token_bytes = _as_bytes(token)
         base = self.base(base_sha256)
-        parts = {"key": key_bytes} | ({"token": token_bytes} if token_bytes else {})
         idem = owner.idempotency_key(
-            "key", self.model_name, str(version), base_sha256, *map(_canonical, parts.values())
+            "key",
+            self.model_name,
+            str(version),
+            str(parent),
+            base_sha256,
+            _canonical(encode_key(key)),
+            *([_canonical(token_bytes)] if token_bytes else []),
         )
         existing = {kv.version: kv for kv in self.history(with_aliases=False)}
-        if version in existing:
+        if version is not None and version in existing:
             kv = existing[version]
             if self.client.get_run(kv.run_id).data.tags.get(R.IDEMPOTENCY) != idem:
                 raise VersionConflictError(
                     f"key version {version} of {self.key_name!r} is already published with other "
                     f"content; versions are immutable, publish version {max(existing) + 1}"
                 )
-            self._move_aliases(kv.mlflow_version, aliases)
+            self._signed_aliases(owner, kv.version, aliases)
             return self.resolve(version)
         if parent is not None and parent not in existing:
             raise NotFoundError(
@@ -209,22 +250,36 @@ class KeyRegistry(MlflowStore):
         if isinstance(key_spec, dict):
             key_spec = json.dumps(key_spec, sort_keys=True)
         run = self._find_or_create_run(
-            idem, run_id, f"key-v{version}", {R.KIND: "key", R.KEY_VERSION: str(version)}
+            idem, run_id, "key", {R.KIND: "key", R.BASE_SHA256: base_sha256}
         )
         run_id, source = run.info.run_id, f"{run.info.artifact_uri}/{R.KEY_DIR}"
+        self._ensure_registered_model(self.key_name, f"Sealed key versions of {self.model_name}")
+        mv = self._register(self.key_name, run_id, source, {R.BASE_SHA256: base_sha256})
+        number = int(mv.version)  # reserved: the server hands each publication its own number
+        if version is not None and version != number:
+            self.client.set_model_version_tag(self.key_name, str(number), R.STATUS, "aborted")
+            raise VersionConflictError(
+                f"key version {version} was asked for, but the registry's next number for "
+                f"{self.key_name!r} is {number}; publish without a fixed version"
+            )
+        if parent is not None and parent >= number:
+            raise RegistryError(f"parent {parent} must be older than key version {number}")
+        key = replace(key, version=number, parent=parent)
+        key_bytes = encode_key(key)
+        self.client.set_tag(run_id, R.KEY_VERSION, str(number))
         self._log_once(run, params, {**(metrics or {}), "key_bytes": len(key_bytes)})
+        parts = {"key": key_bytes} | ({"token": token_bytes} if token_bytes else {})
         header = {
             "model": self.model_name,
-            "key_version": version,
+            "key_version": number,
             "parent": parent,
             "base_sha256": base_sha256,
             "model_sha256": model_sha256,
         }
         blob = self._store_sealed(run_id, source, owner, parts, header)
-        self._ensure_registered_model(self.key_name, f"Sealed key versions of {self.model_name}")
         sealed = read_header(blob)
         tags = {
-            R.KEY_VERSION: str(version),
+            R.KEY_VERSION: str(number),
             R.PARENT: "" if parent is None else str(parent),
             R.BASE_SHA256: base_sha256,
             R.BASE_VERSION: str(base.mlflow_version),
@@ -239,10 +294,96 @@ class KeyRegistry(MlflowStore):
             R.RECIPIENTS: ",".join(sealed.site_ids()),
             R.OWNER_KEY: sealed.owner,
         }
-        mv = self._register(self.key_name, run_id, source, tags)
+        for k, v in tags.items():
+            if mv.tags.get(k) != v:
+                self.client.set_model_version_tag(self.key_name, str(number), k, v)
+        passed = gate if gate is not None else (metrics or {}).get("gate_passed", 1.0) != 0.0
+        targets = {
+            "_type": "targets",
+            "spec": 1,
+            "model": self.model_name,
+            "key_version": number,
+            "parent": parent,
+            "base_sha256": base_sha256,
+            "base_version": base.mlflow_version,
+            "model_sha256": model_sha256 or "",
+            "token": bool(token_bytes),
+            "files": {
+                **self._base_entries(owner, base),
+                "key.sealed": {
+                    "run_id": run_id,
+                    "path": f"{R.KEY_DIR}/{R.SEALED_FILE}",
+                    "length": len(blob),
+                    "sha256": sha256_bytes(blob),
+                },
+            },
+            "gate": {
+                "passed": bool(passed),
+                "metrics": {
+                    k: float(v)
+                    for k, v in (metrics or {}).items()
+                    if isinstance(v, int | float) and k.endswith("_acc")
+                },
+            },
+            "issued": _now_iso(),
+        }
+        entry = release.publish_targets(self, owner, run_id=run_id, signed=targets)
         self._mark_ready(self.key_name, mv, run_id)
-        self._move_aliases(int(mv.version), aliases)
-        return self.resolve(version)
+        self._signed_aliases(owner, number, aliases, entry={str(number): entry})
+        return self.resolve(number)
+
+    def _base_entries(self, owner, base: BaseVersion) -> dict:
+        """Signed-file entries of the base: from this process's publish_base, an earlier
+        owner-signed targets record, or (last resort) the stored base checked by its sha."""
+        local = self._local_bases.get(base.base_sha256)
+        if local is not None:
+            return local
+        try:
+            root, _ = release.current_root(self, owner)
+            _, ts, _, _ = trust_io.newest_timestamp(self, root)
+            for v in sorted(ts.versions, key=int, reverse=True):
+                tg = trust_io.read_targets(self, ts, root, int(v))
+                if tg.base_sha256 == base.base_sha256:
+                    return {n: tg.files[n].model_dump() for n in (BASE_FILE, MODEL_CARD_FILE)}
+        except RegistryError:
+            pass  # nothing signed yet for this base: check the stored copy below
+        return self._checked_base_entries(base)
+
+    def _checked_base_entries(self, base: BaseVersion) -> dict:
+        from adaloc.artifact import decode_base_state
+        from adaloc.errors import KeyFormatError
+        from adaloc.lock import state_sha256
+
+        with tempfile.TemporaryDirectory(prefix="adaloc-base-") as tmp:
+            path = fetch(
+                f"{base.source}/{BASE_FILE}", Path(tmp) / BASE_FILE, max_bytes=base.bytes,
+                expect_sha256=base.file_sha256, tracking_uri=self.tracking_uri,
+                registry_uri=self.registry_uri, label="base (owner check)",
+            )  # fmt: skip
+            try:
+                ok = state_sha256(decode_base_state(path.read_bytes())) == base.base_sha256
+            except KeyFormatError:
+                ok = False
+            if not ok:
+                raise IntegrityError(
+                    f"stored base of {self.base_name!r} is not base {base.base_sha256[:12]}"
+                )
+            card = fetch(
+                f"{base.source}/{MODEL_CARD_FILE}", Path(tmp) / MODEL_CARD_FILE,
+                max_bytes=1 << 20, tracking_uri=self.tracking_uri,
+                registry_uri=self.registry_uri, label="model.json (owner check)",
+            ).read_bytes()  # fmt: skip
+        return _base_file_entries(base, card)
+
+    def _signed_aliases(self, owner, version: int, aliases, entry: dict | None = None) -> None:
+        """Sign the timestamp (new version + aliases); production is a signed promotion."""
+        plain = {a: version for a in aliases if a != "production"}
+        release.sign_timestamp(
+            self, owner, aliases=plain, expires=self.timestamp_expiry, extra_versions=entry
+        )
+        if "production" in aliases:
+            release.promote(self, owner, version, expires=self.timestamp_expiry)
+        self._move_aliases(version, aliases)  # hints for the UI; sites ignore them
 
     def _store_sealed(
         self, run_id: str, source: str, owner: OwnerKeyring, parts: dict, header: dict
@@ -353,17 +494,36 @@ class KeyRegistry(MlflowStore):
             kv = by_version.get(kv.parent) if kv.parent is not None else None
         return chain
 
-    def set_alias(self, alias: str, ref: int | str) -> KeyVersion:
-        """Point ``alias`` at a ready key version (aliases move; versions never change)."""
+    def set_alias(self, alias: str, ref: int | str, *, owner=None, **promote_kw) -> KeyVersion:
+        """Point ``alias`` at a ready key version: an owner-signed act (timestamp record).
+
+        The MLflow alias is moved too, as a hint for people and the UI; sites read only the
+        signed record. ``production`` is a signed promotion (see :meth:`promote`).
+        """
         if alias.isdigit() or alias in ("latest",) or alias[:1] in "vV" and alias[1:].isdigit():
             raise RegistryError(f"alias {alias!r} would shadow a version reference; pick a name")
+        if owner is None:
+            raise TrustError(
+                f"moving alias {alias!r} is an owner-signed act: pass the owner's keyring "
+                "(`--owner-dir DIR` holding owner.key)"
+            )
         kv = self.resolve(ref)
+        if alias == "production":
+            release.promote(self, owner, kv.version, expires=self.timestamp_expiry, **promote_kw)
+        else:
+            release.sign_timestamp(
+                self, owner, aliases={alias: kv.version}, expires=self.timestamp_expiry
+            )
         self._move_aliases(kv.mlflow_version, [alias])
         return self.resolve(kv.version)
 
-    def promote(self, ref: int | str, alias: str = "production") -> KeyVersion:
-        """Move ``alias`` (default ``production``) to key version ``ref``."""
-        return self.set_alias(alias, ref)
+    def promote(self, ref: int | str, alias: str = "production", *, owner=None, **kw) -> KeyVersion:
+        """Sign "``alias`` (default production) = key version ``ref``" with the owner key."""
+        return self.set_alias(alias, ref, owner=owner, **kw)
+
+    def sign_timestamp(self, owner) -> int:
+        """Re-sign the timestamp (new expiry, counter + 1); returns the new counter."""
+        return release.sign_timestamp(self, owner, expires=self.timestamp_expiry).counter
 
     def download_key(self, kv: KeyVersion, dst_dir: str | Path) -> Path:
         """Download the sealed blob of ``kv``; check its size and sha256 against the tags."""
@@ -378,26 +538,70 @@ class KeyRegistry(MlflowStore):
         return path
 
     def verify(self, ref: int | str, *, owner_public_pem: bytes | None = None) -> dict:
-        """Re-check a key version: stored sha256/size, header vs tags, base, signature."""
-        kv = self.resolve(ref)
-        checks = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            blob = self.download_key(kv, tmp).read_bytes()
-        checks["artifact_sha256"] = kv.artifact_sha256
-        header = verify_sealed(blob, owner_public_pem) if owner_public_pem else read_header(blob)
-        checks["signature"] = key_fingerprint(owner_public_pem) if owner_public_pem else "skipped"
-        if header.key_version != kv.version or header.parent != kv.parent:
-            raise IntegrityError(
-                f"key version {kv.version}: sealed header says version {header.key_version} "
-                f"parent {header.parent}, tags say parent {kv.parent}"
+        """Re-check a key version as a site would: signed timestamp and targets, stored
+        sealed key (length, sha256, owner signature), header vs targets, base."""
+        if not owner_public_pem:
+            raise TrustError(
+                "verify needs a trusted owner public key (--owner-pub owner.pub): without it "
+                "nothing can be checked"
             )
-        if header.base_sha256 != kv.base_sha256:
+        from registry.trust import anchor_root, seal_keys
+
+        anchor = anchor_root(self.model_name, owner_public_pem)
+        _, ts, root, _ = trust_io.newest_timestamp(self, anchor)
+        trust_io.check_fresh(ts)
+        version = trust_io.resolve_ref(ts, root, ref)
+        tg = trust_io.read_targets(self, ts, root, version)
+        entry = tg.files["key.sealed"]
+        blob = trust_io.read_artifact(
+            self, entry.run_id, entry.path, max_bytes=entry.length, sha256=entry.sha256,
+            length=entry.length, label=f"sealed key v{version}",
+        )  # fmt: skip
+        owner = read_header(blob).owner
+        pem = seal_keys(root).get(owner)
+        if pem is None:
+            raise TrustError(f"key version {version} is sealed by key {owner}, not a root key")
+        header = verify_sealed(blob, pem.encode())
+        if header.key_version != version or header.base_sha256 != tg.base_sha256:
             raise BaseMismatchError(
-                f"key version {kv.version}: sealed for base {header.base_sha256[:12]} but tagged "
-                f"with base {kv.base_sha256[:12]}"
+                f"key version {version}: sealed header says version {header.key_version} base "
+                f"{header.base_sha256[:12]}, the signed targets say {tg.base_sha256[:12]}"
             )
-        checks["base_version"] = self.base(kv.base_sha256).mlflow_version
-        return {"version": kv.version, "ok": True, "checks": checks}
+        checks = {
+            "root_version": root.version,
+            "timestamp_counter": ts.counter,
+            "timestamp_expires": ts.expires.isoformat(),
+            "artifact_sha256": entry.sha256,
+            "signature": owner,
+            "base_sha256": tg.base_sha256,
+            "base_version": tg.base_version,
+            "gate_passed": tg.gate.passed,
+        }
+        return {"version": version, "ok": True, "checks": checks}
+
+
+def _now_iso() -> str:
+    from registry.trust import iso, now
+
+    return iso(now())
+
+
+def _base_file_entries(base: BaseVersion, card: bytes) -> dict:
+    """Targets entries of a base whose file sha256 (``base.file_sha256``) has been checked."""
+    return {
+        BASE_FILE: {
+            "run_id": base.run_id,
+            "path": f"{R.BASE_DIR}/{BASE_FILE}",
+            "length": base.bytes,
+            "sha256": base.file_sha256,
+        },
+        MODEL_CARD_FILE: {
+            "run_id": base.run_id,
+            "path": f"{R.BASE_DIR}/{MODEL_CARD_FILE}",
+            "length": len(card),
+            "sha256": sha256_bytes(card),
+        },
+    }
 
 
 def _public_header(header) -> dict:

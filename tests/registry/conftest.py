@@ -85,7 +85,8 @@ def plain_key_bytes(lm: LockedModel, version: int) -> bytes:
 
 def cli_app() -> typer.Typer:
     """The registry sub-apps mounted the way pipelines/cli.py mounts them."""
-    from pipelines.registry_cli import keys_app, registry_app, site_app
+    from pipelines.keys_cli import keys_app
+    from pipelines.registry_cli import registry_app, site_app
 
     app = typer.Typer()
     app.add_typer(registry_app, name="registry")
