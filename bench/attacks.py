@@ -54,6 +54,7 @@ LOCKS = {
     "matched": ({}, "matched"),
     "noise": ({}, "noise"),
     "key20": ({"budget": 0.2}, "matched"),
+    "key50": ({"budget": 0.5}, "matched"),
 }
 
 
