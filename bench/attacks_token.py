@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from adaloc.attacks import clone_fn, search, space_bits, token_search
 from adaloc.errors import TokenError
 from adaloc.evaluate import accuracy
-from adaloc.token import Token
+from adaloc.token import DEFAULT_BINARY_SIZE, Token
 from adaloc.tokenlock import NEAR_FRAC, TokenLockConfig, fit_token_lock, stamp_fn
 from adaloc.training import TrainConfig
-
-LIBRARY_TOKEN_SIZE = inspect.signature(Token.generate).parameters["size"].default
 
 
 def _token_size(args, bundle) -> int | None:
     size = args.token_size
     if size < 0:  # the library's default binary token (see adaloc.token)
-        size = LIBRARY_TOKEN_SIZE or Token.generate("binary").size
+        size = DEFAULT_BINARY_SIZE
     return size if size <= min(bundle.image_size) else None
 
 
