@@ -68,7 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="cnn", choices=("cnn", "mlp", "resnet18"))
     p.add_argument("--out", default="runs/attacks")
     p.add_argument("--fractions", default="0.01,0.05,0.10", help="attacker's share of train")
-    p.add_argument("--locks", default="paper,default,zeros", help=f"of {','.join(LOCKS)}")
+    p.add_argument("--locks", default="default,paper", help=f"of {','.join(LOCKS)}")
     p.add_argument("--attacks", default=",".join(WEIGHT_ATTACKS))
     p.add_argument("--grid", default="sgd:0.05,adam:0.001", help="optimizer:lr pairs searched")
     p.add_argument("--steps", type=int, default=300, help="step budget per configuration")

@@ -17,8 +17,8 @@ from pipelines.config import PipelineConfig
 LOCAL = {"cache_policy": NO_CACHE, "persist_result": False}
 FRACTIONS = {"1pct": 0.01, "5pct": 0.05}
 FAST_ATTACKS = ("refill_all", "refill_positions")
-FAST_STEPS = 30  # per search: seconds on the tiny test configs, a cheap audit elsewhere
-TOKEN_BUDGET = 256
+FAST_STEPS = 20  # per search: seconds on the tiny test configs, a cheap audit elsewhere
+TOKEN_BUDGET = 64  # tries of 32 images each; bench/attacks.py runs the full search
 
 
 def fast_space(seed: int):
@@ -82,7 +82,9 @@ def attack_metrics(base, key, bundle, cfg: PipelineConfig, version: int, token=N
         out[f"attack_leak_pt_{label}"] = 100 * (best - accuracy(ref.model, test))
     if token is not None and data is not None:
         served = unlock(base, key)
-        found = token_search(served, data.train, token, budget=TOKEN_BUDGET, seed=cfg.seed)
+        found = token_search(
+            served, data.train, token, budget=TOKEN_BUDGET, screen=32, seed=cfg.seed
+        )
         acc = accuracy(served, test, input_fn=stamp_fn(found.best))
         out["token_search_success"] = float(acc > 1.0 / bundle.num_classes + 0.05)
         out["token_search_tries"] = float(found.tries)
