@@ -221,6 +221,8 @@ def main(args: argparse.Namespace) -> dict:
             # the attacker's own pick: the attack with the best validation accuracy
             best = max(per_attack, key=lambda a: sum(v[2] for v in per_attack[a]))
             rows.append({**_row(best, frac, n, per_attack[best]), "attack": "best", "picked": best})
+        # a long run keeps what it has measured so far (re-draw with bench/attacks_report.py)
+        (out / "attacks.json").write_text(json.dumps(result, indent=2))
     bar.close()
     if args.token_size != 0:
         entry = token_lock_entry(args, bundle, owner_train, test, make, space, refs, progress)
