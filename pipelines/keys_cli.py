@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from pipelines.registry_cli import AsJson, OwnerDir, _emit, cli_errors, out
+from pipelines.settings import DEFAULTS
 
 keys_app = typer.Typer(help="Owner signing key and the list of authorised sites.")
 
@@ -49,7 +50,7 @@ def _new_passphrase(encrypt: bool, passphrase_file: Path | None) -> bytes | None
 @keys_app.command("owner-init")
 @cli_errors
 def keys_owner_init(
-    directory: OwnerDir = Path("owner"),
+    directory: OwnerDir = DEFAULTS.owner,
     force: Annotated[bool, typer.Option("--force", help="Replace existing owner keys.")] = False,
     encrypt: Annotated[
         bool,
@@ -62,8 +63,8 @@ def keys_owner_init(
     as_json: AsJson = False,
 ) -> None:
     """Create the owner's Ed25519 signing key (owner.key 0600) and an empty site list."""
+    from registry.keyring import OwnerKeyring
     from registry.sealing import key_fingerprint
-    from registry.sites import OwnerKeyring
 
     passphrase = _new_passphrase(encrypt, passphrase_file)
     keyring = OwnerKeyring.init(directory, overwrite=force, passphrase=passphrase)
@@ -84,14 +85,14 @@ def keys_owner_init(
 
 @keys_app.command("owner-check")
 @cli_errors
-def keys_owner_check(directory: OwnerDir = Path("owner"), as_json: AsJson = False) -> None:
+def keys_owner_check(directory: OwnerDir = DEFAULTS.owner, as_json: AsJson = False) -> None:
     """Check every owner file: owner.key opens (passphrase from the environment) and matches
     owner.pub, sites.json parses, token.json and the kept keys/key-v*.safetensors load."""
     from adaloc.artifact import load_key
     from adaloc.token import Token
     from registry.errors import BadFileError
     from registry.keyfiles import OWNER_PRIVATE_FILE, is_encrypted, key_fingerprint, public_pem_of
-    from registry.sites import OwnerKeyring
+    from registry.keyring import OwnerKeyring
 
     keyring = OwnerKeyring(directory)
     pub = keyring.owner_public_pem
@@ -125,11 +126,11 @@ def keys_owner_check(directory: OwnerDir = Path("owner"), as_json: AsJson = Fals
 def keys_site_add(
     site_id: Annotated[str, typer.Argument(help="Site id (as given to `site init`).")],
     public_key: Annotated[Path, typer.Argument(help="The site's site.pub.")],
-    directory: OwnerDir = Path("owner"),
+    directory: OwnerDir = DEFAULTS.owner,
     as_json: AsJson = False,
 ) -> None:
     """Authorise a site: later key versions are sealed for it."""
-    from registry.sites import OwnerKeyring
+    from registry.keyring import OwnerKeyring
 
     entry = OwnerKeyring(directory).add_site(site_id, public_key).to_dict(with_key=False)
     _emit(entry, as_json, lambda d: out.print(f"added site {d['site_id']} ({d['fingerprint']})"))
@@ -137,9 +138,9 @@ def keys_site_add(
 
 @keys_app.command("site-ls")
 @cli_errors
-def keys_site_ls(directory: OwnerDir = Path("owner"), as_json: AsJson = False) -> None:
+def keys_site_ls(directory: OwnerDir = DEFAULTS.owner, as_json: AsJson = False) -> None:
     """List authorised and revoked sites."""
-    from registry.sites import OwnerKeyring
+    from registry.keyring import OwnerKeyring
 
     rows = [s.to_dict(with_key=False) for s in OwnerKeyring(directory).sites()]
 
@@ -158,11 +159,11 @@ def keys_site_ls(directory: OwnerDir = Path("owner"), as_json: AsJson = False) -
 @cli_errors
 def keys_site_revoke(
     site_id: Annotated[str, typer.Argument(help="Site id to revoke.")],
-    directory: OwnerDir = Path("owner"),
+    directory: OwnerDir = DEFAULTS.owner,
     as_json: AsJson = False,
 ) -> None:
     """Revoke a site: key versions published from now on are not sealed for it."""
-    from registry.sites import OwnerKeyring
+    from registry.keyring import OwnerKeyring
 
     entry = OwnerKeyring(directory).revoke_site(site_id).to_dict(with_key=False)
     _emit(entry, as_json, lambda d: out.print(f"revoked site {d['site_id']} at {d['revoked_at']}"))

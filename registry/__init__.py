@@ -14,7 +14,7 @@ Errors (``registry.errors``; all subclass ``adaloc.errors.AdalocError`` via ``Re
     VersionConflictError     key version N already published with different content
     UnavailableError         tracking server / artifact store unreachable
 
-Owner and site keys (``registry.sealing``, ``registry.sites``)::
+Owner and site keys (``registry.sealing``, ``registry.keyring``)::
 
     generate_owner_keys(directory, *, overwrite=False) -> Path   # Ed25519 owner.key(0600)/.pub
     generate_site_keys(directory, *, overwrite=False) -> Path    # X25519 site.key(0600)/.pub
@@ -81,6 +81,15 @@ Deployment site (``registry.site``)::
                 seconds (per phase), changed; to_dict()
     progress: optional callable (label: str, done_bytes: int, total_bytes: int | None) -> None
 
+Loader (``registry.loader``)::
+
+    load_model(site_dir | Site, *, device=None, verify=True) -> LoadedModel   # also Site.load_model
+    LoadedModel: model (nn.Module, eval, on device), version, base_sha256, model_sha256, card,
+                 token, device; preprocess(x) (checks [N,C,H,W] in [0,1], stamps the token),
+                 logits(x), predict(x) -> list[int], keyed_bytes
+    swap_key(current, site_dir) -> LoadedModel   # next installed version around the same base
+                                                  # tensors (adaloc serve's hot swap)
+
 Loopback servers (``registry.local_servers``; tests, bench, demos)::
 
     moto_s3(bucket) -> ctx[S3Endpoint(url, bucket)]     # sets MLFLOW_S3_ENDPOINT_URL + dummy creds
@@ -119,13 +128,15 @@ _EXPORTS = {
     "verify_sealed": "registry.sealing",
     "read_header": "registry.sealing",
     "SealedHeader": "registry.sealing",
-    "OwnerKeyring": "registry.sites",
-    "SiteEntry": "registry.sites",
+    "OwnerKeyring": "registry.keyring",
+    "SiteEntry": "registry.keyring",
     "KeyRegistry": "registry.store",
     "KeyVersion": "registry.store",
     "BaseVersion": "registry.store",
     "embedded_uris": "registry.mlflow_io",
     "Site": "registry.site",
+    "load_model": "registry.loader",
+    "LoadedModel": "registry.loader",
     "PullResult": "registry.site",
 }
 

@@ -150,8 +150,8 @@ def _fetch_once(repo, name, dst, max_bytes, expect_sha256, expect_length, what, 
                 done += len(chunk)
                 if done > max_bytes:
                     raise LimitError(
-                        f"{what} is longer than its limit of {max_bytes} bytes (endless-data "
-                        "attack or a wrong record); download stopped"
+                        f"{what} is longer than its limit of {max_bytes} bytes: tampered in "
+                        "the registry or an endless-data attack; download stopped"
                     )
                 f.write(chunk)
                 digest.update(chunk)
@@ -160,7 +160,10 @@ def _fetch_once(repo, name, dst, max_bytes, expect_sha256, expect_length, what, 
             f.flush()
             os.fsync(f.fileno())
         if expect_length is not None and done != expect_length:
-            raise IntegrityError(f"{what} is {done} bytes, the signed length is {expect_length}")
+            raise IntegrityError(
+                f"{what} is {done} bytes, the signed length is {expect_length}: tampered or "
+                "truncated in the registry"
+            )
         if expect_sha256 is not None and digest.hexdigest() != expect_sha256:
             raise IntegrityError(
                 f"{what} has sha256 {digest.hexdigest()[:12]}, the signed one is "

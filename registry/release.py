@@ -52,7 +52,18 @@ def trust_run(reg) -> str:
 
 
 def current_root(reg, owner) -> tuple[T.RootSigned, str]:
-    """The newest root the owner's key chain accepts; root v1 is created on first use."""
+    """The newest root the owner's key chain accepts; root v1 is created on first use.
+
+    Cached on the registry object per owner key (only :func:`rotate_root` changes it).
+    """
+    cache = reg.__dict__.setdefault("_roots", {})
+    fp = key_fingerprint(owner.owner_public_pem)
+    if fp not in cache:
+        cache[fp] = _current_root(reg, owner)
+    return cache[fp]
+
+
+def _current_root(reg, owner) -> tuple[T.RootSigned, str]:
     key = signing_key(owner)
     anchor = T.anchor_root(reg.model_name, owner.owner_public_pem)
     run_id = trust_run(reg)
@@ -194,7 +205,16 @@ def sign_timestamp(
         atomic_write_bytes(Path(owner.directory) / LOCAL_TIMESTAMP, data)
         # A concurrent publisher may have overwritten ours with a list lacking our versions:
         # read back, and sign again until the stored record holds everything we know of.
-        _, stored, _, _ = IO.newest_timestamp(reg, root)
+        back = IO.read_artifact(
+            reg, run_id, f"{IO.TRUST_DIR}/{IO.TIMESTAMP_FILE}", max_bytes=T.MAX_TIMESTAMP_BYTES
+        )
+        stored = T.verify(
+            T.parse(back, "timestamp", "timestamp record"),
+            "timestamp",
+            T.root_keys(root),
+            root.threshold,
+            "timestamp record",
+        )
         if set(versions) <= set(stored.versions):
             return stored
     raise RegistryError(
@@ -211,23 +231,36 @@ def promote(
     co_signers=(),
     gate_override: bool = False,
     expires: timedelta = T.DEFAULT_TIMESTAMP_EXPIRY,
+    aliases: dict | None = None,
+    extra_versions: dict | None = None,
 ) -> T.TimestampSigned:
-    """Sign "production = key version ``version``" (with co-signers when the root asks for 2)."""
+    """Sign "production = key version ``version``" (with co-signers when the root asks for 2).
+
+    The promotion goes into the next timestamp together with ``extra_versions`` and
+    ``aliases`` (publish + promote is one signed step).
+    """
     root, _ = current_root(reg, owner)
-    prev = _previous(reg, owner, root)
-    listed = dict(prev[1].versions) if prev else {}
-    listed.update(_ready_targets(reg, root, {k: None for k in listed}))
-    if prev is None or str(version) not in listed:
-        ts = sign_timestamp(reg, owner, expires=expires)
-    else:
-        ts = prev[1]
-    ts_versions = {**{k: v for k, v in listed.items()}, **{k: v for k, v in ts.versions.items()}}
-    if str(version) not in ts_versions:
+    entry = (extra_versions or {}).get(str(version))
+    if entry is None:
+        prev = _previous(reg, owner, root)
+        listed = {k: v.model_dump() for k, v in (prev[1].versions if prev else {}).items()}
+        entry = listed.get(str(version)) or _ready_targets(reg, root, listed).get(str(version))
+    if entry is None:
         raise NotFoundError(
             f"key version {version} of {reg.model_name!r} has no owner-signed targets record; "
             "only published versions can be promoted"
         )
-    tg = IO.read_targets(reg, ts, root, version)
+    what = f"targets record of key version {version}"
+    data = IO.read_artifact(
+        reg,
+        entry["run_id"],
+        f"{R.KEY_DIR}/{IO.TARGETS_FILE}",
+        max_bytes=entry["length"],
+        sha256=entry["sha256"],
+        length=entry["length"],
+        label=what,
+    )
+    tg = T.verify(T.parse(data, "targets", what), "targets", T.root_keys(root), 1, what)
     if not tg.gate.passed and not gate_override:
         raise TrustError(
             f"key version {version} failed the quality gate (signed verdict); pass "
@@ -245,7 +278,14 @@ def promote(
     keys = [signing_key(owner), *(signing_key(c) for c in co_signers)]
     env = T.sign(signed, keys)
     T.verify(env, "promotion", T.root_keys(root), root.promote_threshold, "promotion")
-    return sign_timestamp(reg, owner, promotion=env, expires=expires)
+    return sign_timestamp(
+        reg,
+        owner,
+        promotion=env,
+        expires=expires,
+        aliases=aliases,
+        extra_versions={**(extra_versions or {}), str(version): entry},
+    )
 
 
 def rotate_root(
@@ -278,6 +318,7 @@ def rotate_root(
     )
     env = T.sign(signed, [old_key, new_key])
     new_root = T.next_root(root, env, f"root record v{root.version + 1}")
+    reg.__dict__.pop("_roots", None)  # the cached chain ends one root too early now
     prev = _previous(reg, old_owner, root)
     _upload(reg, run_id, IO.TRUST_DIR, f"root-{new_root.version}.json", T.canonical(env))
     versions, carry, promotion = {}, None, None

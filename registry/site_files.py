@@ -81,7 +81,7 @@ class Available(_Loose):
     """cache/available.json."""
 
     fetched_at: str | None = None
-    versions: list[dict] = Field(default_factory=list)
+    versions: list[dict]  # required: an object without it is not a version list
 
 
 def read_model(path: Path, model: type[BaseModel], what: str, *, missing=None):

@@ -93,7 +93,7 @@ class TargetsSigned(_Strict):
     parent: int | None = None
     base_sha256: Sha256
     base_version: int = Field(ge=1)
-    model_sha256: Sha256
+    model_sha256: Sha256 | Literal[""]  # "" when the publisher gave none (export can't check)
     token: bool
     files: dict[Literal["base.safetensors", "model.json", "key.sealed"], FileEntry]
     gate: Gate

@@ -40,10 +40,9 @@ def read_artifact(
     label: str | None = None,
 ) -> bytes:
     """Bytes of ``path`` in run ``run_id``, capped at ``max_bytes`` (and hash-checked if given)."""
-    run = store.client.get_run(run_id)
     with tempfile.TemporaryDirectory(prefix="adaloc-rec-") as tmp:
         got = fetch(
-            f"{run.info.artifact_uri}/{path}",
+            f"{artifact_uri(store, run_id)}/{path}",
             Path(tmp) / Path(path).name,
             max_bytes=max_bytes,
             expect_sha256=sha256,
@@ -53,6 +52,14 @@ def read_artifact(
             label=label or path,
         )
         return got.read_bytes()
+
+
+def artifact_uri(store, run_id: str) -> str:
+    """A run's artifact root (cached per store: MLflow never changes it)."""
+    cache = store.__dict__.setdefault("_artifact_uris", {})
+    if run_id not in cache:
+        cache[run_id] = store.client.get_run(run_id).info.artifact_uri
+    return cache[run_id]
 
 
 def trust_runs(store) -> list:

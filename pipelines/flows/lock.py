@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 from pipelines import attack_tasks as AT
 from pipelines import tasks as T
 from pipelines import token_tasks as TT
+from pipelines.config import PipelineConfig
 from pipelines.flows.common import (
     config_params,
     gate,
@@ -29,6 +30,7 @@ def lock_flow(
     overrides: dict | None = None,
     nproc: int = 1,
     progress: bool = True,
+    config: PipelineConfig | None = None,
 ) -> dict:
     """Train and lock a model; publish its base once and key version 1.
 
@@ -36,7 +38,7 @@ def lock_flow(
     Returns the key version's record plus metrics and the gate's verdict.
     """
     log = get_run_logger()
-    cfg = read_config(config_path, overrides)
+    cfg = read_config(config_path, overrides, config)
     registry, owner = open_registry(cfg), open_owner(cfg)
     require_sites(owner)
     work = T.scratch_dir()
@@ -69,7 +71,7 @@ def lock_flow(
         params,
         {"train_seconds": seconds} if seconds else {},
     )
-    if cfg.max_attack_leak_pt is not None:  # the attack gate prices a version before promotion
+    if cfg.max_attack_leak_pt > 0:  # the attack gate prices a version before promotion
         metrics = {**metrics, **AT.attack_metrics(base, key, bundle, cfg, 1, token)}
     passed, reasons = gate(metrics, cfg)
     kv = T.publish_key(

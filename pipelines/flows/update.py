@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger
 from pipelines import attack_tasks as AT
 from pipelines import tasks as T
 from pipelines import token_tasks as TT
+from pipelines.config import PipelineConfig
 from pipelines.flows.common import (
     config_params,
     gate,
@@ -27,6 +28,7 @@ def update_flow(
     overrides: dict | None = None,
     promote: bool = True,
     progress: bool = True,
+    config: PipelineConfig | None = None,
 ) -> dict:
     """Publish the next key version, trained key-only on the stage of data it is due.
 
@@ -34,7 +36,7 @@ def update_flow(
     own evaluation). Returns the new version's record, metrics and the gate's verdict.
     """
     log = get_run_logger()
-    cfg = read_config(config_path, overrides)
+    cfg = read_config(config_path, overrides, config)
     registry, owner = open_registry(cfg), open_owner(cfg)
     require_sites(owner)
     work = T.scratch_dir()
@@ -63,7 +65,7 @@ def update_flow(
     metrics = T.evaluate(base, new_key, stage.test, version=version, seed=cfg.seed)
     if token is not None:
         metrics = TT.with_two_factor(metrics, TT.two_factor(base, new_key, stage.test, token))
-    if cfg.max_attack_leak_pt is not None:  # the attack gate prices a version before promotion
+    if cfg.max_attack_leak_pt > 0:  # the attack gate prices a version before promotion
         metrics = {**metrics, **AT.attack_metrics(base, new_key, bundle, cfg, version, token)}
     passed, reasons = gate(metrics, cfg)
 

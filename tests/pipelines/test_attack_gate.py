@@ -22,7 +22,7 @@ def test_gate_blocks_a_version_whose_leak_is_over_the_limit():
     assert not passed and "7.25 pt > max_attack_leak_pt 2.0" in reasons[0]
     passed, reasons = gate(OK, cfg)
     assert not passed and "did not run" in reasons[0]
-    # unset (the default): the leak is logged but does not gate
+    # 0 (the default): the leak is logged but does not gate
     assert gate({**OK, "attack_leak_pt_1pct": 50.0}, load_config())[0]
 
 

@@ -32,8 +32,8 @@ from registry import site_files as F
 from registry import trust as T
 from registry.errors import BadFileError, NotFoundError, RegistryError, TrustError
 from registry.keyfiles import _private_pem, _public_pem, public_pem_of
+from registry.keyring import OwnerKeyring
 from registry.sealing import open_sealed, read_header, seal, verify_sealed
-from registry.sites import OwnerKeyring
 
 FUZZ = settings(
     max_examples=60,
