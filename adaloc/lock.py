@@ -16,7 +16,12 @@ from torch import nn
 from adaloc.errors import ConfigError, KeyMismatchError
 from adaloc.keys import KeyMask, rows_view
 
-FILLS = ("zeros", "noise")
+FILLS = ("zeros", "noise", "matched")
+# measured by bench/attacks.py: hides the key positions best, at no cost (unlock is exact)
+DEFAULT_FILL = "matched"
+# "matched" fill: multiplicative jitter on a donor row, so no filled row is a copy of a real one
+MATCHED_JITTER = 0.15
+MATCHED_MODE = "gaussian"
 
 
 @dataclass
@@ -104,10 +109,54 @@ def _fill(t: torch.Tensor, rows_sel: torch.Tensor, fill: str, g: torch.Generator
         t[rows_sel] = noise.to(t.dtype).to(t.device)
 
 
-def lock(model: nn.Module, mask: KeyMask, *, fill: str = "zeros", seed: int = 0):
+def _fill_matched(t: torch.Tensor, idx: torch.Tensor, granularity: str, g: torch.Generator):
+    """Fill key rows with values an observer cannot tell from the tensor's real rows.
+
+    Each keyed row gets a *donor*: a random non-key row of the same tensor, its input
+    channels (conv) or elements (linear) shuffled, times ``1 + MATCHED_JITTER * N(0, 1)``.
+    Row norms, value distribution and, for convolutions, the spatial structure of each
+    3x3 kernel are those of real trained rows; the shuffle and the jitter keep a filled row
+    from being a near copy of its donor. A tensor keyed whole has no real rows to borrow
+    from and is zeroed: the model card names it anyway (norm layers, the head).
+    """
+    rows = rows_view(t, granularity)
+    sel = torch.zeros(rows.shape[0], dtype=torch.bool, device=t.device)
+    sel[idx.to(t.device)] = True
+    donors = (~sel).nonzero().view(-1).cpu()
+    n = int(idx.numel())
+    if n == 0:
+        return
+    if donors.numel() == 0:
+        # keyed whole: the card already discloses these positions, so zeros hide nothing
+        # more, and a dead tensor keeps the base at chance (a random head would not)
+        rows[sel] = 0
+        return
+    real = rows.detach()[donors.to(t.device)].float().cpu()
+    if MATCHED_MODE == "gaussian" and len(donors) > 1:
+        # a Gaussian with exactly the real rows' mean and covariance: a random mixture
+        # of the centered real rows
+        mu = real.mean(0, keepdim=True)
+        z = torch.randn(n, len(donors), generator=g) / (len(donors) - 1) ** 0.5
+        src = mu + z @ (real - mu)
+    else:
+        src = real[torch.randint(0, len(donors), (n,), generator=g)]
+        if t.dim() == 4 and granularity == "row":  # conv filter: shuffle whole input kernels
+            c_in, k = t.shape[1], t.shape[2] * t.shape[3]
+            perm = torch.argsort(torch.rand(n, c_in, generator=g), 1)
+            src = src.view(n, c_in, k).gather(1, perm[:, :, None].expand(n, c_in, k))
+            src = src.reshape(n, -1)
+        elif src.shape[1] > 1:
+            src = src.gather(1, torch.argsort(torch.rand(src.shape, generator=g), 1))
+        src = src * (1 + MATCHED_JITTER * torch.randn(src.shape, generator=g))
+    rows[sel] = src.to(t.dtype).to(t.device)
+
+
+def lock(model: nn.Module, mask: KeyMask, *, fill: str = DEFAULT_FILL, seed: int = 0):
     """Split ``model`` into (base, key): the base has its key positions filled.
 
-    fill: "zeros" or "noise" (Gaussian with the spread of the tensor's non-key values).
+    fill: "zeros" (the paper's: the key positions are visible as zeros), "noise" (Gaussian
+    with the spread of the tensor's non-key values) or "matched" (donor rows of the same
+    tensor, see :func:`_fill_matched`: the positions do not stand out).
     """
     if fill not in FILLS:
         raise ConfigError(f"fill {fill!r} is unknown; use one of {FILLS}")
@@ -118,8 +167,11 @@ def lock(model: nn.Module, mask: KeyMask, *, fill: str = "zeros", seed: int = 0)
     with torch.no_grad():
         for name in mask.names:
             t = state[name]
-            _fill(t, mask.positions(name, t), fill, g)
-            if fill == "noise" and name.endswith("running_var"):
+            if fill == "matched":
+                _fill_matched(t, mask.indices[name], mask.granularity, g)
+            else:
+                _fill(t, mask.positions(name, t), fill, g)
+            if fill != "zeros" and name.endswith("running_var"):
                 t.abs_()  # a negative variance would make the base emit NaN, not noise
     base_sha = state_sha256(base)
     return base, extract_key(model, mask, base_sha256=base_sha)

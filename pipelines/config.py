@@ -137,6 +137,9 @@ class PipelineConfig(VersionedConfig):
     unauthorized_margin: float = Field(
         0.02, ge=0.0, lt=1.0, description="gate: unauthorized accuracy <= chance + this"
     )
+    max_attack_leak_pt: float = Field(
+        0.0, ge=0.0, description="gate: attack leak at 1%/5% of the data (points) <= this; 0 = off"
+    )
     tracking_uri: str = Field(
         "", description="MLflow tracking URI; empty = MLFLOW_TRACKING_URI or the embedded store"
     )

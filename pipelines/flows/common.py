@@ -73,7 +73,8 @@ def config_params(cfg: PipelineConfig) -> dict:
 
 
 def gate(metrics: dict, cfg: PipelineConfig) -> tuple[bool, list[str]]:
-    """Quality gate: authorized >= threshold and unauthorized <= chance + margin."""
+    """Quality gate: authorized >= threshold and unauthorized <= chance + margin; with
+    ``max_attack_leak_pt`` set, the attack leak at 1% and 5% of the data must not exceed it."""
     reasons = []
     if metrics["authorized_acc"] < cfg.authorized_threshold:
         reasons.append(
@@ -84,6 +85,13 @@ def gate(metrics: dict, cfg: PipelineConfig) -> tuple[bool, list[str]]:
         reasons.append(
             f"unauthorized {metrics['unauthorized_acc']:.4f} > chance+margin {limit:.4f}"
         )
+    limit_pt = cfg.max_attack_leak_pt
+    if limit_pt > 0:  # 0 = off
+        leaks = [metrics.get(f"attack_leak_pt_{p}") for p in ("1pct", "5pct")]
+        if any(v is None for v in leaks):
+            reasons.append("max_attack_leak_pt is set but the attack subset did not run")
+        elif max(leaks) > limit_pt:
+            reasons.append(f"attack leak {max(leaks):.2f} pt > max_attack_leak_pt {limit_pt}")
     return not reasons, reasons
 
 

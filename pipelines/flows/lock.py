@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from pipelines import attack_tasks as AT
 from pipelines import tasks as T
 from pipelines import token_tasks as TT
 from pipelines.config import PipelineConfig
@@ -70,6 +71,8 @@ def lock_flow(
         params,
         {"train_seconds": seconds} if seconds else {},
     )
+    if cfg.max_attack_leak_pt > 0:  # the attack gate prices a version before promotion
+        metrics = {**metrics, **AT.attack_metrics(base, key, bundle, cfg, 1, token)}
     passed, reasons = gate(metrics, cfg)
     kv = T.publish_key(
         registry,

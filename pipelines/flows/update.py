@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from pipelines import attack_tasks as AT
 from pipelines import tasks as T
 from pipelines import token_tasks as TT
 from pipelines.config import PipelineConfig
@@ -64,6 +65,8 @@ def update_flow(
     metrics = T.evaluate(base, new_key, stage.test, version=version, seed=cfg.seed)
     if token is not None:
         metrics = TT.with_two_factor(metrics, TT.two_factor(base, new_key, stage.test, token))
+    if cfg.max_attack_leak_pt > 0:  # the attack gate prices a version before promotion
+        metrics = {**metrics, **AT.attack_metrics(base, new_key, bundle, cfg, version, token)}
     passed, reasons = gate(metrics, cfg)
 
     params = {**config_params(cfg), "data_version": data_version, "stage": stage.name}
