@@ -191,10 +191,10 @@ def key_sample(dataset: Dataset, *, n: int = 1024, seed: int = 0) -> ImageSet:
 
 
 def write_image_folder(
-    data: ImageSet, folder: str | Path, *, classes: list[str] | None = None, repeat: int = 1
+    data: ImageSet, folder: str | Path, *, classes: list[str] | None = None, count: int = 0
 ) -> int:
-    """Write ``data`` as ``folder/<class>/<i>.png`` (``repeat`` times over, for size tests);
-    return the number of files. Used to make folders for tests and benchmarks."""
+    """Write ``data`` as ``folder/<class>/<k>.png``; ``count`` > len(data) cycles through it
+    (file k is image k mod len). Returns the number of files; for tests and benchmarks."""
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -203,7 +203,7 @@ def write_image_folder(
     for c in names:
         (folder / c).mkdir(parents=True, exist_ok=True)
     pixels = (data.x * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-    total = len(data) * repeat
+    total = count or len(data)
     width = max(6, int(math.log10(max(total, 1))) + 1)
     for k in tqdm(range(total), desc=f"write {folder.name}", unit="img", leave=False):
         i = k % len(data)

@@ -16,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.config import PipelineConfig
-from pipelines.data_version import data_version
+from pipelines.data_version import checkout_data, data_version
 
 IO = {"retries": 3, "retry_delay_seconds": [1, 5, 15], "cache_policy": NO_CACHE}
 LOCAL = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -30,6 +30,13 @@ UPDATE_LR = 0.01
 def resolve_data_version(dvc_file: str) -> str:
     """md5 of the DVC-tracked data directory (the data version a key version records)."""
     return data_version(dvc_file)
+
+
+@task(name="check out data version", **LOCAL)
+def checkout_data_version(dvc_file: str) -> str:
+    """The data version to train on, after DVC made the files on disk that version (pulls
+    missing files; refuses, without retries, when they differ from the recorded md5)."""
+    return checkout_data(dvc_file)
 
 
 @task(name="load dataset", retries=1, **LOCAL)

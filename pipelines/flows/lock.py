@@ -39,7 +39,7 @@ def lock_flow(
     require_sites(owner)
     work = T.scratch_dir()
 
-    data_version = T.resolve_data_version(cfg.dvc_file)
+    data_version = T.checkout_data_version(cfg.dvc_file)
     bundle = T.load_data(cfg)
     stages = T.make_stages(bundle, cfg)
     model = T.build_model(bundle, cfg)
