@@ -1,0 +1,174 @@
+"""Issue 15: does the registry slow down as key versions pile up?
+
+On a real ``mlflow server`` (+ moto S3) on 127.0.0.1 the owner publishes key versions
+1..``--versions`` of one locked CNN through the public ``KeyRegistry.publish_key`` API (each
+a key-only update of the previous one), promoting each to ``production``. At each checkpoint
+(1, 10, 100, 1000 versions) it times, median of ``--repeats``:
+
+- ``resolve``: ``KeyRegistry.resolve("production")`` from a fresh registry object;
+- ``pull``: ``Site.pull("production")`` from a fresh ``Site`` object whose installed model
+  was deleted, so every pull resolves, downloads the sealed key, verifies, decrypts, applies
+  and installs it (the base stays in the site's disk cache: it is fetched once per site).
+
+Target: both at 1,000 versions <= 2x their time at 1 version.
+
+    python bench/registry_scale.py --out runs/registry-scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from adaloc.artifact import ModelCard, save_base
+from adaloc.keys import KeySpec, select_key
+from adaloc.lock import Key, lock, state_sha256, unlock
+from adaloc.models import build_model
+
+MODEL = {"in_channels": 1, "num_classes": 10, "image_size": 28}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line options of the benchmark."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--versions", type=int, default=1000)
+    p.add_argument("--checkpoints", default="1,10,100,1000")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", default="runs/registry-scale")
+    return p
+
+
+def _timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _git(*args: str) -> str:
+    proc = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+    return proc.stdout.strip()
+
+
+def measure(reg_uri: str, name: str, site_dir: Path, version: int, sha: str, repeats: int):
+    """Median resolve and pull times with ``version`` in production."""
+    from registry import KeyRegistry, Site
+
+    def resolve():
+        kv = KeyRegistry(reg_uri, name).resolve("production")
+        assert kv.version == version
+
+    def pull():
+        site = Site(site_dir)
+        site.model_path.unlink(missing_ok=True)  # force a full install of the same version
+        r = site.pull("production")
+        assert r.version == version and r.model_sha256 == sha, "site model differs"
+
+    resolve(), pull()  # untimed warm-up (first presigned URL, imports)
+    res, pul = _timed(resolve, repeats), _timed(pull, repeats)
+    return {"versions": version, "resolve_s": statistics.median(res),
+            "pull_s": statistics.median(pul), "resolve_runs": res, "pull_runs": pul}  # fmt: skip
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Median resolve and pull time vs number of key versions (log x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r["versions"] for r in rows]
+    ax.plot(xs, [r["resolve_s"] * 1e3 for r in rows], "o-", label='resolve("production")')
+    ax.plot(xs, [r["pull_s"] * 1e3 for r in rows], "s-", label='Site.pull("production")')
+    ax.set_xscale("log")
+    ax.set_xlabel("published key versions")
+    ax.set_ylabel("median time (ms)")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    ax.set_title("registry at scale (mlflow server + S3 on loopback)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Publish versions, measure at each checkpoint, write JSON + PNG."""
+    from registry import KeyRegistry, OwnerKeyring, Site
+    from registry.local_servers import mlflow_server, moto_s3
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    torch.set_num_threads(1)
+    checkpoints = sorted(int(c) for c in args.checkpoints.split(",") if int(c) <= args.versions)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    code = {"head": _git("rev-parse", "HEAD"), "branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
+            "main": _git("rev-parse", "main")}  # fmt: skip
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, moto_s3("scale") as s3:
+        work = Path(tmp)
+        with mlflow_server(work / "server", s3=s3) as server:
+            uri, name = server.tracking_uri, "scale"
+            reg = KeyRegistry(uri, name)
+            owner = OwnerKeyring.init(work / "owner")
+            site = Site.init(work / "site", site_id="site-1", tracking_uri=uri, model_name=name,
+                             owner_public_pem=owner.owner_public_pem)  # fmt: skip
+            owner.add_site("site-1", site.public_key_pem)
+            torch.manual_seed(0)
+            model = build_model("cnn", **MODEL)
+            spec = KeySpec(budget=0.05)
+            base, key = lock(model, select_key(model, spec))
+            card = ModelCard("cnn", dict(MODEL), 10, [1, 28, 28], spec.to_dict())
+            saved = save_base(base, card, work / "base")
+            reg.publish_base(work / "base", base_sha256=saved["sha256"])
+            g, rows, publish_s = torch.Generator().manual_seed(1), [], []
+            for v in tqdm(range(1, args.versions + 1), desc="publish", unit="version"):
+                if v > 1:  # a key-only update: only the values at the key positions change
+                    values = {n: t + 0.01 * torch.randn(t.shape, generator=g)
+                              for n, t in key.values.items()}  # fmt: skip
+                    key = Key(key.mask, values, key.base_sha256, version=v, parent=v - 1)
+                sha = state_sha256(unlock(base, key))
+                t = time.perf_counter()
+                reg.publish_key(key, owner=owner, model_sha256=sha, key_spec=spec.to_dict(),
+                                metrics={"bench": 1.0})  # fmt: skip
+                reg.promote(v)
+                publish_s.append(time.perf_counter() - t)
+                if v in checkpoints:
+                    rows.append(measure(uri, name, work / "site", v, sha, args.repeats))
+                    r = rows[-1]
+                    tqdm.write(f"{v} versions: resolve {r['resolve_s'] * 1e3:.1f} ms, "
+                               f"pull {r['pull_s'] * 1e3:.1f} ms")  # fmt: skip
+    first, last = rows[0], rows[-1]
+    result = {
+        "rows": rows,
+        "resolve_ratio": last["resolve_s"] / first["resolve_s"],
+        "pull_ratio": last["pull_s"] / first["pull_s"],
+        "publish_s_median_first_10": statistics.median(publish_s[:10]),
+        "publish_s_median_last_10": statistics.median(publish_s[-10:]),
+        "setup": "mlflow server --workers 1 (sqlite) + moto S3 on 127.0.0.1",
+        "code": code,
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "load_avg_at_end": os.getloadavg(),
+        "wall_s": time.perf_counter() - t_start,
+    }
+    (out / "registry_scale.json").write_text(json.dumps(result, indent=2))
+    plot(rows, out / "registry_scale.png")
+    print(f"resolve {first['resolve_s'] * 1e3:.1f} -> {last['resolve_s'] * 1e3:.1f} ms "
+          f"({result['resolve_ratio']:.2f}x); pull {first['pull_s'] * 1e3:.1f} -> "
+          f"{last['pull_s'] * 1e3:.1f} ms ({result['pull_ratio']:.2f}x)")  # fmt: skip
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
