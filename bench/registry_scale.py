@@ -146,6 +146,8 @@ def main(args: argparse.Namespace) -> dict:
                 if v in checkpoints:
                     rows.append(measure(uri, name, work / "site", v, sha, args.repeats))
                     r = rows[-1]
+                    partial = {"rows": rows, "code": code, "partial": v < args.versions}
+                    (out / "registry_scale.json").write_text(json.dumps(partial, indent=2))
                     tqdm.write(f"{v} versions: resolve {r['resolve_s'] * 1e3:.1f} ms, "
                                f"pull {r['pull_s'] * 1e3:.1f} ms")  # fmt: skip
     first, last = rows[0], rows[-1]

@@ -11,6 +11,7 @@ home-made md5 of a directory.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,8 @@ def dvc(*args: str, cwd: str | Path = ".", timeout: float = 300) -> str:
     """Run ``dvc ARGS`` in ``cwd`` with this interpreter's DVC; return stdout, raise on
     failure with DVC's own message."""
     cmd = [sys.executable, "-m", "dvc", *args]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}  # no usage-report daemon per call
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"`dvc {' '.join(args)}` failed: {proc.stderr.strip() or proc.stdout}")
     return proc.stdout
@@ -99,13 +101,20 @@ def workspace_state(dvc_file: str | Path) -> str:
 
 
 def checkout_data(
-    dvc_file: str | Path, *, expected: str | None = None, remote: str | None = None
+    dvc_file: str | Path,
+    *,
+    expected: str | None = None,
+    remote: str | None = None,
+    missing_ok: bool = False,
 ) -> str:
     """Make the files tracked by ``dvc_file`` the recorded data version; return it.
 
     ``expected`` (a data version) must be the one ``dvc_file`` records. Missing files are
     pulled from ``remote`` (default: the project's configured remote); files that differ
     are never overwritten: :class:`DataVersionMismatch` says what to do instead.
+    ``missing_ok``: when nothing is on disk and the remote lacks it too, return without
+    raising (a dataset loader may still fill it, e.g. from the Debian package; the flows
+    call this again after loading, without ``missing_ok``).
     """
     path = Path(dvc_file)
     version = data_version(path)
@@ -123,6 +132,8 @@ def checkout_data(
     try:  # no --force: DVC restores missing files and leaves changed ones alone
         dvc("pull", *(["-r", remote] if remote else []), path.name, cwd=path.parent)
     except RuntimeError as err:
+        if missing_ok and state == "deleted":
+            return version
         detail = str(err).splitlines()[-1][:300]
         raise DataVersionMismatch(
             f"{path.parent / target} is {state!r}, not data version {version}, and "

@@ -33,10 +33,12 @@ def resolve_data_version(dvc_file: str) -> str:
 
 
 @task(name="check out data version", **LOCAL)
-def checkout_data_version(dvc_file: str) -> str:
+def checkout_data_version(dvc_file: str, *, missing_ok: bool = True) -> str:
     """The data version to train on, after DVC made the files on disk that version (pulls
-    missing files; refuses, without retries, when they differ from the recorded md5)."""
-    return checkout_data(dvc_file)
+    missing files; refuses, without retries, when they differ from the recorded md5).
+    Flows call it before loading (``missing_ok``: a loader may fill an empty data root)
+    and again after, strictly."""
+    return checkout_data(dvc_file, missing_ok=missing_ok)
 
 
 @task(name="load dataset", retries=1, **LOCAL)
