@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import pytest
 
@@ -113,9 +112,8 @@ def test_retrain_deployment_publishes_only_on_new_data(tmp_path, prefect_server,
 
     out = run_retrain()
     assert "Completed" in out, out
-    worker_log = cpu_worker.read_text()
-    cloned = re.findall(r"Cloned repository '[^']*' into '([^']+)'", worker_log)
-    assert cloned or "git clone" in worker_log.lower(), worker_log[-3000:]
+    # The entrypoint path is relative: it exists only in the clone the pull step made (the
+    # worker's own folder is empty and this checkout is not on its path).
     assert not os.listdir(cpu_worker.parent / "worker-b"), "the worker wrote to its folder"
     reg = KeyRegistry(ov["tracking_uri"], "sched")
     history = reg.history()
