@@ -115,6 +115,7 @@ def test_retrain_deployment_publishes_only_on_new_data(tmp_path, prefect_server,
     # The entrypoint path is relative: it exists only in the clone the pull step made (the
     # worker's own folder is empty and this checkout is not on its path).
     assert not os.listdir(cpu_worker.parent / "worker-b"), "the worker wrote to its folder"
+    assert "Deployment step 'git_clone' completed successfully" in cpu_worker.read_text()
     reg = KeyRegistry(ov["tracking_uri"], "sched")
     history = reg.history()
     assert [kv.version for kv in history] == [1, 2]
