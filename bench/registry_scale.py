@@ -154,7 +154,7 @@ def main(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, moto_s3("scale") as s3:
         work = Path(tmp)
-        with mlflow_server(work / "server", s3=s3) as server:
+        with mlflow_server(work / "server", s3=s3, timeout_s=900) as server:
             uri, name = server.tracking_uri, "scale"
             reg = KeyRegistry(uri, name)
             owner = OwnerKeyring.init(work / "owner")
