@@ -18,7 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from adaloc.errors import KeyFormatError
+from adaloc.errors import AdalocError, KeyFormatError
 from adaloc.formats import (
     BASE_FILE,
     BASE_FORMAT_VERSION,
@@ -40,16 +40,21 @@ def _payload_sha(tensors: dict[str, torch.Tensor]) -> str:
 
 def _read_metadata(data: bytes, what: str) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors byte string, with clear errors."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise KeyFormatError(f"{what} is a {type(data).__name__}, not bytes")
     if len(data) < 8:
         raise KeyFormatError(f"{what} is truncated ({len(data)} bytes); fetch it again")
     (n,) = struct.unpack("<Q", data[:8])
     if n > len(data) - 8:
         raise KeyFormatError(f"{what} is truncated (header says {n} bytes); fetch it again")
     try:
-        header = json.loads(data[8 : 8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        header = json.loads(bytes(data[8 : 8 + n]))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise KeyFormatError(f"{what} is not a safetensors file ({exc})") from exc
-    return header.get("__metadata__") or {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(header, dict) or not isinstance(meta or {}, dict):
+        raise KeyFormatError(f"{what} is not a safetensors file (header is not a JSON object)")
+    return meta or {}
 
 
 def _meta_json(meta: dict) -> dict[str, str]:
@@ -61,7 +66,7 @@ def _meta_json(meta: dict) -> dict[str, str]:
 def _parse_meta(raw: dict[str, str], what: str) -> dict:
     try:
         meta = json.loads(raw.get("adaloc", ""))
-    except json.JSONDecodeError:
+    except (TypeError, ValueError, RecursionError):
         meta = None
     if not isinstance(meta, dict):
         raise KeyFormatError(f"{what} has no adaloc metadata; it is not an adaloc file")
@@ -121,16 +126,21 @@ def decode_key(data: bytes) -> Key:
             f"key format version {meta.get('format_version')!r} is not supported "
             f"(this adaloc reads {KEY_FORMAT_VERSION}); upgrade adaloc"
         )
-    try:
-        tensors = st_load(data)
-    except SafetensorError as exc:
-        raise KeyFormatError(f"key artifact is corrupted or truncated: {exc}") from exc
+    tensors = _st_load(data, "key artifact")
     if set(tensors) != {"index", "value"} or _payload_sha(tensors) != meta.get("payload_sha256"):
         raise KeyFormatError("key artifact's tensors do not match its checksum (corrupted)")
-    index, value = tensors["index"].to(torch.int64), tensors["value"]
+    index, value = tensors["index"], tensors["value"]
+    if index.dtype not in (torch.int32, torch.int64) or value.dtype not in VALUE_DTYPES.values():
+        raise KeyFormatError(f"key artifact has tensors of dtype {index.dtype}/{value.dtype}")
+    index = index.reshape(-1).to(torch.int64)
+    value = value.reshape(-1)
     indices, values, i, v = {}, {}, 0, 0
     try:
         for name, rows, width, whole in meta["layout"]:
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (rows, width)):
+                raise ValueError(f"layout of {name!r} has non-integer sizes")
+            if rows < 0 or width < 0 or v + rows * width > value.numel():
+                raise ValueError(f"layout of {name!r} runs past the stored tensors")
             idx = torch.arange(rows) if whole else index[i : i + rows]
             i += 0 if whole else rows
             if idx.numel() != rows or v + rows * width > value.numel():
@@ -144,8 +154,17 @@ def decode_key(data: bytes) -> Key:
             raise ValueError("stored tensors are longer than the layout says")
         mask = KeyMask(indices, meta["granularity"])
         return Key(mask, values, meta["base_sha256"], int(meta["version"]), meta["parent"])
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError, RuntimeError, OverflowError) as exc:
         raise KeyFormatError(f"key artifact metadata is incomplete or invalid: {exc}") from exc
+
+
+def _st_load(data: bytes, what: str) -> dict[str, torch.Tensor]:
+    """safetensors' own parser; any failure becomes KeyFormatError naming ``what``."""
+    try:
+        return st_load(bytes(data))
+    except (SafetensorError, ValueError, TypeError, RuntimeError, OverflowError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise KeyFormatError(f"{what} is corrupted or truncated: {first}") from exc
 
 
 def save_key(key: Key, path: str | Path, *, value_dtype: str | None = None) -> dict:
@@ -180,21 +199,47 @@ class ModelCard:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> ModelCard:
-        """Parse a card; unknown fields warn, missing essential fields fail."""
+    def from_json(cls, text: str | bytes) -> ModelCard:
+        """Parse a card; unknown fields warn, missing essential fields fail, types are checked."""
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise KeyFormatError(f"{MODEL_CARD_FILE} is malformed: {exc}") from exc
+        if not isinstance(data, dict):
+            raise KeyFormatError(
+                f"{MODEL_CARD_FILE} is a JSON {type(data).__name__}; expected an object"
+            )
         known = {f.name for f in fields(cls)}
         missing = {"builder", "kwargs", "num_classes", "input_shape"} - set(data)
         if missing:
             raise KeyFormatError(f"{MODEL_CARD_FILE} lacks fields {sorted(missing)}")
+        _check_card(data)
         if extra := set(data) - known:
             warnings.warn(
                 f"ignoring unknown {MODEL_CARD_FILE} fields {sorted(extra)}", stacklevel=2
             )
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _check_card(data: dict) -> None:
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    shape = data["input_shape"]
+    bad = [
+        name
+        for name, ok in (
+            ("builder", isinstance(data["builder"], str)),
+            ("kwargs", isinstance(data["kwargs"], dict)),
+            ("num_classes", is_int(data["num_classes"]) and data["num_classes"] > 0),
+            ("input_shape", isinstance(shape, list) and all(is_int(d) and d > 0 for d in shape)),
+            ("key_spec", isinstance(data.get("key_spec", {}), dict)),
+            ("format_version", is_int(data.get("format_version", BASE_FORMAT_VERSION))),
+        )
+        if not ok
+    ]
+    if bad:
+        raise KeyFormatError(f"{MODEL_CARD_FILE} has fields of the wrong type: {bad}")
 
 
 def encode_base(base: nn.Module) -> bytes:
@@ -217,10 +262,7 @@ def decode_base(data: bytes, *, verify: bool = True) -> tuple[dict[str, torch.Te
     meta = _parse_meta(_read_metadata(data, BASE_FILE), BASE_FILE)
     if meta.get("format") != "adaloc-base":
         raise KeyFormatError(f"{BASE_FILE} is not an adaloc base (no 'adaloc-base' format tag)")
-    try:
-        state = st_load(data)
-    except SafetensorError as exc:
-        raise KeyFormatError(f"{BASE_FILE} is corrupted or truncated: {exc}") from exc
+    state = _st_load(data, BASE_FILE)
     if not verify:
         return state, str(meta.get("state_sha256"))
     sha = state_sha256(state)
@@ -254,15 +296,20 @@ def load_base(directory: str | Path) -> tuple[nn.Module, ModelCard]:
     """Rebuild the base network from base.safetensors + model.json."""
     directory = Path(directory)
     try:
-        card = ModelCard.from_json((directory / MODEL_CARD_FILE).read_text())
+        card = ModelCard.from_json((directory / MODEL_CARD_FILE).read_bytes())
         data = (directory / BASE_FILE).read_bytes()
     except OSError as exc:
         raise KeyFormatError(f"cannot read base in {directory}: {exc.strerror}") from exc
     state = decode_base_state(data)
-    model = build_from_card(card)
+    try:
+        model = build_from_card(card)
+    except (AdalocError, TypeError, ValueError, RuntimeError) as exc:
+        raise KeyFormatError(
+            f"{MODEL_CARD_FILE} does not describe a buildable model ({card.builder!r}): {exc}"
+        ) from exc
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, ValueError) as exc:
         first = str(exc).splitlines()[0]
         raise KeyFormatError(f"{BASE_FILE} does not fit {card.builder}: {first}") from exc
     return model.eval(), card

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import secrets
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 
 from adaloc.errors import TokenError
 from adaloc.formats import TOKEN_FORMAT_VERSION, sha256_bytes
+from adaloc.fsutil import PRIVATE_FILE_MODE, atomic_write_bytes
 
 PATTERNS = (
     "pixel",
@@ -39,6 +42,11 @@ _FIXED_MASKS = {
     "dots3x3-die5": [[1, 0, 1], [0, 1, 0], [1, 0, 1]],
     "square3x3": [[1, 1, 1], [1, 1, 1], [1, 1, 1]],
 }
+# Side of the default binary token: 12x12 = 144 random bits, the smallest square >= 128 bits
+# (an 11x11 token has 121), so an exhaustive search is out of reach. Fashion-MNIST's 28x28
+# images leave room for it in a corner.
+DEFAULT_BINARY_SIZE = 12
+MIN_SECRET_BITS = 128
 _ESSENTIAL_KEYS = ("format_version", "pattern", "size", "placement", "pixels", "mask")
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -66,8 +74,11 @@ class Token:
             raise TokenError(f"token size={self.size!r}; expected a positive integer")
         if not isinstance(self.margin, int) or self.margin < 0:
             raise TokenError(f"token margin={self.margin!r}; expected an integer >= 0")
-        pix = np.asarray(self.pixels, dtype=np.float32)
-        msk = np.asarray(self.mask)
+        try:
+            pix = np.asarray(self.pixels, dtype=np.float32)
+            msk = np.asarray(self.mask)
+        except (TypeError, ValueError) as exc:
+            raise TokenError(f"token pixels/mask are not numeric arrays: {exc}") from exc
         n = self.size
         if pix.ndim != 3 or pix.shape[0] not in (1, 3) or pix.shape[1:] != (n, n):
             raise TokenError(f"token pixels have shape {pix.shape}; expected (1 or 3, {n}, {n})")
@@ -98,13 +109,19 @@ class Token:
         cls,
         kind: str = "binary",
         size: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         *,
         placement: str = "bottom-right",
         color: tuple[float, ...] = (1.0,),
         margin: int = 0,
     ) -> Token:
-        """Build a token of a named pattern; ``binary`` and ``patch4x4-rgb`` are drawn from seed."""
+        """Build a token of a named pattern; ``binary`` and ``patch4x4-rgb`` are random.
+
+        Without ``seed`` the random cells come from the OS CSPRNG (:mod:`secrets`): that is
+        the only way to make a real token. A ``seed`` gives a reproducible token for tests and
+        benchmarks; never use one for a deployed token (a logged seed rebuilds the token).
+        ``binary`` defaults to ``DEFAULT_BINARY_SIZE`` (144 bits).
+        """
         if kind not in PATTERNS or kind == "image":
             choices = tuple(p for p in PATTERNS if p != "image")
             hint = " (use Token.from_image for 'image')" if kind == "image" else ""
@@ -112,7 +129,9 @@ class Token:
         col = np.asarray(color, dtype=np.float32).reshape(-1)
         if col.size not in (1, 3) or col.min() < 0 or col.max() > 1:
             raise TokenError(f"token color={color!r}; expected 1 or 3 values in [0, 1]")
-        rng = np.random.default_rng(seed)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise TokenError(f"token seed={seed!r}; expected an integer or None (CSPRNG)")
+        rng = None if seed is None else np.random.default_rng(seed)
         if kind in _FIXED_MASKS:
             mask = np.asarray(_FIXED_MASKS[kind])
             n = mask.shape[0]
@@ -123,10 +142,10 @@ class Token:
             if size not in (None, 4):
                 raise TokenError(f"token pattern {kind!r} has size 4, got size={size!r}")
             n, mask = 4, np.ones((4, 4), dtype=int)
-            pixels = rng.random((3, 4, 4), dtype=np.float32)
+            pixels = _random_levels(rng, (3, 4, 4))
         else:  # binary: a random NxN pattern of colour / black, every pixel overwritten
-            n = 4 if size is None else size
-            if not isinstance(n, int) or n < 1:
+            n = DEFAULT_BINARY_SIZE if size is None else size
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 raise TokenError(f"token size={size!r}; expected a positive integer")
             bits = _random_bits(rng, n)
             mask = np.ones((n, n), dtype=int)
@@ -184,7 +203,10 @@ class Token:
         unknown = sorted(set(data) - names - {"format_version"})
         if unknown:
             warnings.warn(f"ignoring unknown token fields {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in data.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except (TypeError, ValueError, OverflowError) as exc:  # wrong field types
+            raise TokenError(f"token data has a field of the wrong type: {exc}") from exc
 
     def to_json(self) -> str:
         """JSON text (compact, sorted keys, so equal tokens give equal bytes)."""
@@ -195,8 +217,8 @@ class Token:
         """Parse :meth:`to_json` output."""
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TokenError(f"token data is not valid JSON: {exc}") from exc
+        except (ValueError, TypeError, RecursionError) as exc:  # incl. Unicode errors
+            raise TokenError(f"token data is not valid JSON: {str(exc)[:120]}") from exc
         return cls.from_dict(data)
 
     def to_bytes(self) -> bytes:
@@ -208,14 +230,37 @@ class Token:
         """Inverse of :meth:`to_bytes`."""
         return cls.from_json(data)
 
-    def save(self, path: str | Path) -> None:
-        """Write the token file (keep it as secret as the key)."""
-        Path(path).write_bytes(self.to_bytes())
+    def save(self, path: str | Path) -> Path:
+        """Write the token file atomically with mode 0600 from the start (it is a secret)."""
+        return atomic_write_bytes(path, self.to_bytes(), mode=PRIVATE_FILE_MODE)
 
     @classmethod
     def load(cls, path: str | Path) -> Token:
-        """Read a token file written by :meth:`save`."""
-        return cls.from_bytes(Path(path).read_bytes())
+        """Read a token file written by :meth:`save`; TokenError for a missing or bad file."""
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError as exc:
+            raise TokenError(f"token file {str(path)!r} not found") from exc
+        except (IsADirectoryError, PermissionError) as exc:
+            raise TokenError(f"token file {str(path)!r} is not readable: {exc}") from exc
+        try:
+            return cls.from_bytes(data)
+        except TokenError as exc:
+            raise TokenError(f"token file {str(path)!r}: {exc}") from exc
+
+    def entropy_bits(self) -> float:
+        """Bits an attacker must guess, knowing the pattern, size, colour and placement.
+
+        Binary tokens: one bit per cell; colour patches: 8 bits per channel value (they
+        are drawn as 8-bit levels); fixed layouts and images: 0 (public or chosen by a
+        person, so not counted).
+        """
+        if self.pattern == "binary":
+            # all-0 and all-1 are never drawn: log2(2^cells - 2)
+            return math.log2(max(2 ** (self.size * self.size) - 2, 1))
+        if self.pattern == "patch4x4-rgb":
+            return 8.0 * self.channels * self.size * self.size
+        return 0.0
 
     def fingerprint(self) -> str:
         """sha256 of the serialized token: safe to log, identifies the token."""
@@ -228,12 +273,28 @@ class Token:
         return _match_channels(pix, channels), torch.tensor(self.mask, device=device).bool()
 
 
-def _random_bits(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Random 0/1 NxN pattern that is neither all-0 nor all-1 (those carry no secret)."""
+def _random_bits(rng: np.random.Generator | None, n: int) -> np.ndarray:
+    """Random 0/1 NxN pattern that is neither all-0 nor all-1 (those carry no secret).
+
+    ``rng=None`` draws from the OS CSPRNG (``secrets``); a numpy generator is for seeded,
+    reproducible tokens only.
+    """
     while True:
-        bits = rng.integers(0, 2, size=(n, n)).astype(np.float32)
+        if rng is None:
+            raw = np.frombuffer(secrets.token_bytes((n * n + 7) // 8), dtype=np.uint8)
+            bits = np.unpackbits(raw)[: n * n].reshape(n, n).astype(np.float32)
+        else:
+            bits = rng.integers(0, 2, size=(n, n)).astype(np.float32)
         if n * n == 1 or 0 < bits.sum() < n * n:
             return bits
+
+
+def _random_levels(rng: np.random.Generator | None, shape: tuple[int, ...]) -> np.ndarray:
+    """Random pixel values in [0, 1]: 8-bit levels from the CSPRNG, or floats from ``rng``."""
+    if rng is None:
+        raw = np.frombuffer(secrets.token_bytes(math.prod(shape)), dtype=np.uint8)
+        return (raw.reshape(shape) / 255.0).astype(np.float32)
+    return rng.random(shape, dtype=np.float32)
 
 
 def _match_channels(pix: torch.Tensor, channels: int) -> torch.Tensor:

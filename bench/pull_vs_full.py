@@ -197,13 +197,13 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
         with _through(link, servers) as (url, received):
             site.set_tracking_uri(url)
             # Untimed warm-up: the server's first presigned URL, connection set-up, imports.
-            reg.promote(version)
+            reg.promote(version, owner=owner)
             site.pull("production")
             version += 1
             cold, warm, wire_key, phases = [], [], [], {}
             for mode in ("cold", "warm"):
                 for _ in range(n):
-                    reg.promote(version)  # owner action, untimed; sites pull "production"
+                    reg.promote(version, owner=owner)  # owner (signed), untimed; sites pull it
                     before = received() if received else 0
                     # cold: a fresh Site per pull (like a CLI call: base read from the disk
                     # cache); warm: a long-lived site whose base is already in memory.

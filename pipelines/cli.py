@@ -10,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from pipelines.registry_cli import cli_errors, keys_app, registry_app, site_app
+from pipelines.keys_cli import keys_app
+from pipelines.registry_cli import cli_errors, registry_app, site_app
 
 app = typer.Typer(
     help="Adaptable model usage control: lock a model, publish key versions, pull at sites.",

@@ -57,7 +57,9 @@ class PipelineConfig:
     s3_endpoint: str = _help("S3 endpoint URL for artifacts and the DVC s3 remote", "")
     owner_dir: str = _help("owner signing key pair directory", "")
     token: str = _help("M-LOCK token pattern for a two-factor lock (e.g. binary); empty = off", "")
-    token_size: int = _help("token side in pixels", 4)
+    token_size: int = _help(
+        "token side in pixels; 0 = the pattern's default (binary: 12x12 = 144 random bits)", 0
+    )
     token_strategy: str = _help("M-LOCK label strategy for unstamped inputs", "single_target")
     token_decoys: float = _help("share of unstamped samples carrying a decoy token", 0.5)
     format_version: int = _help("config format version", CONFIG_FORMAT_VERSION)
@@ -82,9 +84,9 @@ class PipelineConfig:
             raise ConfigError(
                 f"unauthorized_margin is a fraction in [0, 1), got {self.unauthorized_margin!r}"
             )
-        if self.token_size < 1 or not 0.0 <= float(self.token_decoys) <= 1.0:
+        if self.token_size < 0 or not 0.0 <= float(self.token_decoys) <= 1.0:
             raise ConfigError(
-                f"token_size should be >= 1 and token_decoys in [0, 1], got "
+                f"token_size should be >= 0 and token_decoys in [0, 1], got "
                 f"{self.token_size!r} and {self.token_decoys!r}"
             )
         if float(self.lr) < 0:

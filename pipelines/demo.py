@@ -71,7 +71,7 @@ def run_demo(
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
     )
-    results, pulls = [], []
+    results, pulls, exports = [], [], []
     with Progress(*columns, console=console, transient=False) as bar:
         story = bar.add_task("demo", total=2 * len(steps) + len(steps))
         for i, step in enumerate(steps):
@@ -82,26 +82,31 @@ def run_demo(
             version = results[-1]["version"]
             bar.update(story, description=f"site pulls v{version}")
             pulls.append(site.pull(version))
+            # The site installs only the key; the demo also writes the full authorized model
+            # (checked against the owner's signed sha256) to show it is the owner's.
+            exports.append(site.export())
             bar.advance(story)
         for res in results:
             bar.update(story, description=f"evaluate v{res['version']}")
             res["evaluation"] = evaluate_flow(overrides=overrides, ref=str(res["version"]))
             bar.advance(story)
-    summary = summarize(out, cfg, site, results, pulls)
+    summary = summarize(out, cfg, site, results, pulls, exports)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_table(console, summary)
     return summary
 
 
-def summarize(out: Path, cfg: PipelineConfig, site, results: list, pulls: list) -> dict:
+def summarize(
+    out: Path, cfg: PipelineConfig, site, results: list, pulls: list, exports: list
+) -> dict:
     """The summary.json layout of issue 5 (plus a few extra fields)."""
     from pipelines.flows.common import open_registry
 
     registry = open_registry(cfg)
     base_bytes = results[0]["base_bytes"]
     versions = []
-    for res, pull in zip(results, pulls, strict=True):
+    for res, pull, exported in zip(results, pulls, exports, strict=True):
         rec, m = res["record"], res["metrics"]
         versions.append(
             {
@@ -116,10 +121,11 @@ def summarize(out: Path, cfg: PipelineConfig, site, results: list, pulls: list) 
                 "plain_key_bytes": rec["key_bytes"],
                 "key_fraction_of_base": rec["sealed_bytes"] / base_bytes,
                 "gate_passed": res["passed"],
-                "site_model_matches_owner": pull.model_sha256 == res["model_sha256"],
+                "site_model_matches_owner": exported["model_sha256"] == res["model_sha256"],
+                "site_key_version": pull.version,
             }
         )
-    last = pulls[-1]
+    last = exports[-1]
     site_dir = Path(site.directory).resolve()
     return {
         "tracking_uri": cfg.tracking_uri,
@@ -129,9 +135,9 @@ def summarize(out: Path, cfg: PipelineConfig, site, results: list, pulls: list) 
         "versions": versions,
         "site": {
             "dir": str(site_dir),
-            "model_path": str(Path(last.model_path).resolve()),
+            "model_path": str(Path(last["path"]).resolve()),
             "installed_version": (site.installed() or {}).get("version"),
-            "model_sha256": last.model_sha256,
+            "model_sha256": last["model_sha256"],
             "owner_model_sha256": results[-1]["model_sha256"],
             "bytes_downloaded": {
                 "base": sum(p.bytes_base for p in pulls),

@@ -1,4 +1,4 @@
-"""`adaloc registry|site|keys ...`: thin typer layer over ``registry`` (mounted by cli.py).
+"""`adaloc registry|site ...`: thin typer layer over ``registry`` (mounted by cli.py).
 
 Every command takes ``--json`` for machine-readable output. A user mistake or a refused
 pull prints one line on stderr and exits with 1, never a traceback.
@@ -21,7 +21,6 @@ from rich.table import Table
 
 registry_app = typer.Typer(help="Inspect and promote key versions in the MLflow registry.")
 site_app = typer.Typer(help="Deployment site: init, pull key versions, status.")
-keys_app = typer.Typer(help="Owner signing key and the list of authorised sites.")
 
 out = Console()
 err = Console(stderr=True)
@@ -62,29 +61,41 @@ def _quiet_mlflow() -> None:
 _REMOTE_ERROR_MODULES = ("mlflow", "requests", "botocore", "boto3", "urllib3")
 
 
+def error_line(e: BaseException) -> tuple[str, int]:
+    """The one line (and exit code) the CLI prints for an exception instead of a traceback.
+
+    Our typed errors and OS errors on a user's file are the user's to fix (exit 1); MLflow /
+    S3 transport errors say the registry is unavailable (exit 1); anything else is a bug in
+    adaloc (exit 2, still one line; ``ADALOC_DEBUG=1`` shows the traceback).
+    """
+    from adaloc.errors import AdalocError
+
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    if isinstance(e, AdalocError | OSError):
+        return f"error: {first}", 1
+    if type(e).__module__.split(".")[0] in _REMOTE_ERROR_MODULES:
+        return f"error: registry unavailable: {first}", 1
+    return f"error: unexpected {type(e).__name__}: {first} (ADALOC_DEBUG=1 shows where)", 2
+
+
 def cli_errors(fn):
-    """Turn library errors into one line on stderr and exit code 1."""
+    """Turn every exception into one line on stderr and a non-zero exit (see error_line)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from adaloc.errors import AdalocError
+        import click
 
         _quiet_mlflow()
         try:
             return fn(*args, **kwargs)
-        except (AdalocError, FileExistsError, FileNotFoundError, PermissionError) as e:
-            err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-        except Exception as e:  # noqa: BLE001 - MLflow/requests errors, still one line
-            if type(e).__module__.split(".")[0] not in (
-                "mlflow",
-                "requests",
-                "botocore",
-                "urllib3",
-            ):
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - the CLI's one place that maps errors
+            if os.environ.get("ADALOC_DEBUG"):
                 raise
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            err.print(f"error: registry unavailable: {first}", markup=False, soft_wrap=True)
-        raise typer.Exit(1)
+            line, code = error_line(e)
+            err.print(line, markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(code) from None
 
     return wrapper
 
@@ -97,12 +108,22 @@ def _emit(obj, as_json: bool, render) -> None:
 
 
 def _registry(tracking_uri: str | None, registry_uri: str | None, root: Path, model: str):
+    from registry.errors import NotFoundError
     from registry.mlflow_io import embedded_uris
     from registry.store import KeyRegistry
 
     location = None
     if tracking_uri is None:
+        if not (root / "mlflow.db").is_file():
+            raise NotFoundError(
+                f"no registry at {root} ({root / 'mlflow.db'} does not exist); pass --root or "
+                "--tracking-uri of an existing registry"
+            )
         tracking_uri, location = embedded_uris(root)
+    elif tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).is_file():
+        raise NotFoundError(
+            f"registry database {tracking_uri[10:]} does not exist; check --tracking-uri"
+        )
     return KeyRegistry(tracking_uri, model, artifact_location=location, registry_uri=registry_uri)
 
 
@@ -177,15 +198,92 @@ def registry_lineage(
 def registry_promote(
     ref: Annotated[str, typer.Argument(help="Key version number or alias.")],
     alias: Annotated[str, typer.Option("--alias", "-a")] = "production",
+    owner_dir: OwnerDir = Path("owner"),
+    co_signer: Annotated[
+        list[Path] | None,
+        typer.Option("--co-signer", help="Another owner keyring folder (2-key promotion)."),
+    ] = None,
+    override_gate: Annotated[
+        bool, typer.Option("--override-gate", help="Promote a version that failed the gate.")
+    ] = False,
     model: ModelName = "adaloc",
     tracking_uri: TrackingUri = None,
     registry_uri: RegistryUri = None,
     root: Root = Path("runs/registry"),
     as_json: AsJson = False,
 ) -> None:
-    """Move an alias (default: production) to a key version."""
-    kv = _registry(tracking_uri, registry_uri, root, model).set_alias(alias, ref)
-    _emit(kv.to_dict(), as_json, lambda d: out.print(f"{alias} -> key version {d['version']}"))
+    """Sign "ALIAS (default production) = key version REF" with the owner key."""
+    from registry.sites import OwnerKeyring
+
+    owner = OwnerKeyring(owner_dir)
+    kw = {}
+    if alias == "production":
+        kw = {"co_signers": [OwnerKeyring(d) for d in co_signer or []],
+              "gate_override": override_gate}  # fmt: skip
+    reg = _registry(tracking_uri, registry_uri, root, model)
+    kv = reg.set_alias(alias, ref, owner=owner, **kw)
+    _emit(
+        kv.to_dict(),
+        as_json,
+        lambda d: out.print(f"{alias} -> key version {d['version']} (signed)"),
+    )
+
+
+@registry_app.command("sign-timestamp")
+@cli_errors
+def registry_sign_timestamp(
+    owner_dir: OwnerDir = Path("owner"),
+    model: ModelName = "adaloc",
+    tracking_uri: TrackingUri = None,
+    registry_uri: RegistryUri = None,
+    root: Root = Path("runs/registry"),
+    as_json: AsJson = False,
+) -> None:
+    """Re-sign the timestamp record (new expiry); the retrain flow does this on schedule."""
+    from registry.sites import OwnerKeyring
+
+    counter = _registry(tracking_uri, registry_uri, root, model).sign_timestamp(
+        OwnerKeyring(owner_dir)
+    )
+    _emit(
+        {"counter": counter},
+        as_json,
+        lambda d: out.print(f"timestamp signed, counter {d['counter']}"),
+    )
+
+
+@registry_app.command("rotate-key")
+@cli_errors
+def registry_rotate_key(
+    new_owner_dir: Annotated[
+        Path, typer.Argument(help="Keyring folder holding the new owner.key.")
+    ],
+    owner_dir: OwnerDir = Path("owner"),
+    add_key: Annotated[
+        list[Path] | None, typer.Option("--add-key", help="Another owner.pub to name in root.")
+    ] = None,
+    promote_threshold: Annotated[int, typer.Option(help="Signatures a promotion needs.")] = 1,
+    revoke: Annotated[
+        bool, typer.Option("--revoke", help="Old key compromised: refuse what it sealed.")
+    ] = False,
+    model: ModelName = "adaloc",
+    tracking_uri: TrackingUri = None,
+    registry_uri: RegistryUri = None,
+    root: Root = Path("runs/registry"),
+    as_json: AsJson = False,
+) -> None:
+    """Rotate the owner signing key: a new root record signed by the old and the new key."""
+    from registry.release import rotate_root
+    from registry.sites import OwnerKeyring
+
+    reg = _registry(tracking_uri, registry_uri, root, model)
+    new_root = rotate_root(
+        reg, OwnerKeyring(owner_dir), OwnerKeyring(new_owner_dir),
+        add_public=[p.read_bytes() for p in add_key or []],
+        promote_threshold=promote_threshold, revoke_old=revoke,
+    )  # fmt: skip
+    info = {"root_version": new_root.version, "keys": sorted(new_root.keys)}
+    _emit(info, as_json, lambda d: out.print(f"root v{d['root_version']} names keys {d['keys']}"))
 
 
 @registry_app.command("verify")
@@ -193,7 +291,7 @@ def registry_promote(
 def registry_verify(
     ref: Annotated[str, typer.Argument(help="Key version number or alias.")] = "production",
     owner_pub: Annotated[
-        Path | None, typer.Option("--owner-pub", help="owner.pub to check signatures.")
+        Path | None, typer.Option("--owner-pub", help="The owner's owner.pub (required).")
     ] = None,
     model: ModelName = "adaloc",
     tracking_uri: TrackingUri = None,
@@ -201,8 +299,16 @@ def registry_verify(
     root: Root = Path("runs/registry"),
     as_json: AsJson = False,
 ) -> None:
-    """Re-check the stored sealed key: sha256, header vs tags, base, owner signature."""
-    pem = owner_pub.read_bytes() if owner_pub else None
+    """Check a key version as a site would: signed records, stored key, owner signature."""
+    from registry.errors import TrustError
+    from registry.site_files import load_owner_pem
+
+    if owner_pub is None:
+        raise TrustError(
+            "verify needs the owner's public key (--owner-pub owner.pub); without a trusted "
+            "key nothing can be verified"
+        )
+    pem = load_owner_pem(owner_pub)
     report = _registry(tracking_uri, registry_uri, root, model).verify(ref, owner_public_pem=pem)
     _emit(report, as_json, lambda r: out.print(f"key version {r['version']} OK: {r['checks']}"))
 
@@ -224,16 +330,17 @@ def site_init(
     as_json: AsJson = False,
 ) -> None:
     """Create a site: its key pair (site.key 0600) and config; prints site.pub's path."""
-    from registry.mlflow_io import embedded_uris
     from registry.site import Site
+    from registry.site_files import load_owner_pem
 
-    uri = tracking_uri or embedded_uris(root)[0]
+    pem = load_owner_pem(owner_pub)  # checked before anything is created
+    uri = tracking_uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
     site = Site.init(
         directory,
         site_id=site_id,
         tracking_uri=uri,
         model_name=model,
-        owner_public_pem=owner_pub.read_bytes(),
+        owner_public_pem=pem,
         registry_uri=registry_uri,
         overwrite=force,
     )
@@ -299,6 +406,23 @@ def site_pull(
     _emit(result.to_dict(), as_json, render)
 
 
+@site_app.command("export")
+@cli_errors
+def site_export(
+    directory: SiteDir = Path("site"),
+    output: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Default: DIR/model/model.safetensors.")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Write the full authorized model (base + installed key), checked against the owner's
+    signed sha256; 0600 in a 0700 folder."""
+    from registry.site import Site
+
+    info = Site(directory).export(output)
+    _emit(info, as_json, lambda d: out.print(f"key version {d['version']} -> {d['path']}"))
+
+
 @site_app.command("status")
 @cli_errors
 def site_status(
@@ -329,70 +453,3 @@ def site_status(
         )
 
     _emit(status, as_json, render)
-
-
-# -- adaloc keys ---------------------------------------------------------------------------
-
-
-@keys_app.command("owner-init")
-@cli_errors
-def keys_owner_init(
-    directory: OwnerDir = Path("owner"),
-    force: Annotated[bool, typer.Option("--force", help="Replace existing owner keys.")] = False,
-    as_json: AsJson = False,
-) -> None:
-    """Create the owner's Ed25519 signing key (owner.key 0600) and an empty site list."""
-    from registry.sealing import key_fingerprint
-    from registry.sites import OwnerKeyring
-
-    keyring = OwnerKeyring.init(directory, overwrite=force)
-    info = {"directory": str(directory), "owner_key": key_fingerprint(keyring.owner_public_pem)}
-    _emit(info, as_json, lambda d: out.print(f"owner key {d['owner_key']} in {d['directory']}"))
-
-
-@keys_app.command("site-add")
-@cli_errors
-def keys_site_add(
-    site_id: Annotated[str, typer.Argument(help="Site id (as given to `site init`).")],
-    public_key: Annotated[Path, typer.Argument(help="The site's site.pub.")],
-    directory: OwnerDir = Path("owner"),
-    as_json: AsJson = False,
-) -> None:
-    """Authorise a site: later key versions are sealed for it."""
-    from registry.sites import OwnerKeyring
-
-    entry = OwnerKeyring(directory).add_site(site_id, public_key).to_dict(with_key=False)
-    _emit(entry, as_json, lambda d: out.print(f"added site {d['site_id']} ({d['fingerprint']})"))
-
-
-@keys_app.command("site-ls")
-@cli_errors
-def keys_site_ls(directory: OwnerDir = Path("owner"), as_json: AsJson = False) -> None:
-    """List authorised and revoked sites."""
-    from registry.sites import OwnerKeyring
-
-    rows = [s.to_dict(with_key=False) for s in OwnerKeyring(directory).sites()]
-
-    def render(rows: list[dict]) -> None:
-        table = Table(title="sites")
-        for col in ("site", "fingerprint", "added", "revoked"):
-            table.add_column(col)
-        for r in rows:
-            table.add_row(r["site_id"], r["fingerprint"], r["added_at"], r["revoked_at"] or "-")
-        out.print(table)
-
-    _emit(rows, as_json, render)
-
-
-@keys_app.command("site-revoke")
-@cli_errors
-def keys_site_revoke(
-    site_id: Annotated[str, typer.Argument(help="Site id to revoke.")],
-    directory: OwnerDir = Path("owner"),
-    as_json: AsJson = False,
-) -> None:
-    """Revoke a site: key versions published from now on are not sealed for it."""
-    from registry.sites import OwnerKeyring
-
-    entry = OwnerKeyring(directory).revoke_site(site_id).to_dict(with_key=False)
-    _emit(entry, as_json, lambda d: out.print(f"revoked site {d['site_id']} at {d['revoked_at']}"))

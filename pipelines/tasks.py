@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from prefect import task
@@ -156,8 +155,13 @@ def train_base_ddp(cfg: PipelineConfig, nproc: int, workdir: str):
         "--out",
         str(out),
     ]
-    subprocess.run(cmd, check=True)
-    return load_file(out)
+    try:
+        subprocess.run(cmd, check=True)
+        return load_file(out)
+    finally:
+        # The fully trained model must not stay in the scratch folder once it is in memory.
+        out.unlink(missing_ok=True)
+        Path(f"{out}.json").unlink(missing_ok=True)
 
 
 @task(name="select key", **LOCAL)
@@ -245,16 +249,39 @@ def owner_key_path(owner_dir: str, version: int) -> Path:
     return Path(owner_dir) / "keys" / f"key-v{version}.safetensors"
 
 
-@task(name="keep key", task_run_name="keep key v{version}", **IO)
+@task(name="keep key", task_run_name="keep key v{version}", **LOCAL)
 def keep_key(key, owner_dir: str, version: int) -> str:
-    """Write the plain key into the owner's private key store (before publishing it)."""
-    from adaloc.artifact import save_key
+    """Write the plain key into the owner's private key store; never overwrite a kept key.
+
+    The file appears complete (0600, in a 0700 folder) or not at all; an existing file with
+    other bytes is refused (VersionConflictError), the same bytes are accepted (a retry).
+    """
+    from dataclasses import replace
+
+    from adaloc.artifact import encode_key
+    from adaloc.fsutil import atomic_write_bytes, private_dir
+    from registry.errors import VersionConflictError
 
     path = owner_key_path(owner_dir, version)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    save_key(key, path)
-    os.chmod(path, 0o600)
+    private_dir(path.parent)
+    data = encode_key(replace(key, version=version))
+    if path.exists():
+        if path.read_bytes() == data:
+            return str(path)
+        raise VersionConflictError(
+            f"{path} already holds another key v{version}; kept keys are never overwritten"
+        )
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+    atomic_write_bytes(tmp, data, mode=0o600)
+    try:
+        os.link(tmp, path)  # fails if a concurrent writer got there first: no overwrite
+    except FileExistsError:
+        if path.read_bytes() != data:
+            raise VersionConflictError(
+                f"{path} was kept concurrently with other bytes; kept keys are never overwritten"
+            ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return str(path)
 
 
@@ -273,16 +300,30 @@ def publish_base(registry, directory: str, base_sha256: str, params: dict, metri
     return registry.publish_base(directory, base_sha256=base_sha256, params=params, metrics=metrics)
 
 
-@task(name="publish key", task_run_name="publish key v{version}", **IO)
-def publish_key(registry, key, owner, version: int, **kwargs):
-    """Seal and publish key version ``version`` (atomic and idempotent in the registry)."""
-    return registry.publish_key(key, owner=owner, version=version, **kwargs)
+@task(name="publish key", task_run_name="publish key (after v{version})", **IO)
+def publish_key(registry, key, owner, version: int, *, owner_dir: str | None = None, **kwargs):
+    """Seal and publish a key version; MLflow's version number is the version (one source).
+
+    ``version`` is the caller's expectation only: a concurrent publisher may have taken it,
+    then this one gets the next number. The plain key is kept in ``owner_dir`` under that
+    number afterwards (never overwriting a kept key). Retries reuse the same publication.
+    """
+    kv = registry.publish_key(key, owner=owner, auto_version=True, **kwargs)
+    if owner_dir is not None:
+        keep_key.fn(key, owner_dir, kv.version)
+    return kv
 
 
 @task(name="set alias", task_run_name="alias {alias} -> v{version}", **IO)
-def set_alias(registry, alias: str, version: int):
-    """Move ``alias`` to key version ``version``."""
-    return registry.set_alias(alias, version)
+def set_alias(registry, alias: str, version: int, owner=None):
+    """Sign "``alias`` = key version ``version``" with the owner key (production: promotion)."""
+    return registry.set_alias(alias, version, owner=owner)
+
+
+@task(name="sign timestamp", **IO)
+def sign_timestamp(registry, owner) -> int:
+    """Re-sign the timestamp record (new expiry); sites refuse one past its expiry."""
+    return registry.sign_timestamp(owner)
 
 
 @task(name="latest key version", **IO)
@@ -334,5 +375,7 @@ def write_temp(directory: str, name: str, text: str) -> str:
 
 
 def scratch_dir() -> str:
-    """A fresh temporary directory for a flow's files."""
-    return tempfile.mkdtemp(prefix="adaloc-")
+    """A fresh 0700 temporary folder for a flow's files, removed when the flow run ends."""
+    from pipelines.scratch import scratch_dir as _scratch
+
+    return _scratch()

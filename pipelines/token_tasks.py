@@ -7,11 +7,10 @@ to each key version; only its fingerprint is ever logged.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.config import PipelineConfig
@@ -39,14 +38,24 @@ def lock_config(cfg: PipelineConfig):
 
 @task(name="make token", **LOCAL)
 def make_token(cfg: PipelineConfig):
-    """A new secret token from the config's pattern, size and seed; kept by the owner."""
-    from adaloc.token import Token
+    """A new secret token of the config's pattern and size, drawn from the OS CSPRNG.
 
-    token = Token.generate(cfg.token, cfg.token_size, cfg.seed)
+    Never from ``cfg.seed``: the seed is logged as an MLflow param, and a token derived from
+    it could be rebuilt from the registry. Kept by the owner in a 0600 file.
+    """
+    from adaloc.fsutil import private_dir
+    from adaloc.token import MIN_SECRET_BITS, Token
+
+    token = Token.generate(cfg.token, cfg.token_size or None)
+    bits = token.entropy_bits()
+    if bits < MIN_SECRET_BITS:
+        get_run_logger().warning(
+            "token %s %dx%d has %.0f bits of entropy (< %d): a search can find it",
+            token.pattern, token.size, token.size, bits, MIN_SECRET_BITS,
+        )  # fmt: skip
     path = token_path(cfg.owner_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token.save(path)
-    os.chmod(path, 0o600)
+    private_dir(path.parent)
+    token.save(path)  # atomic, 0600 from the start
     return token
 
 

@@ -14,7 +14,7 @@ Errors (``registry.errors``; all subclass ``adaloc.errors.AdalocError`` via ``Re
     VersionConflictError     key version N already published with different content
     UnavailableError         tracking server / artifact store unreachable
 
-Owner and site keys (``registry.sealing``, ``registry.sites``)::
+Owner and site keys (``registry.sealing``, ``registry.keyring``)::
 
     generate_owner_keys(directory, *, overwrite=False) -> Path   # Ed25519 owner.key(0600)/.pub
     generate_site_keys(directory, *, overwrite=False) -> Path    # X25519 site.key(0600)/.pub
@@ -119,8 +119,8 @@ _EXPORTS = {
     "verify_sealed": "registry.sealing",
     "read_header": "registry.sealing",
     "SealedHeader": "registry.sealing",
-    "OwnerKeyring": "registry.sites",
-    "SiteEntry": "registry.sites",
+    "OwnerKeyring": "registry.keyring",
+    "SiteEntry": "registry.keyring",
     "KeyRegistry": "registry.store",
     "KeyVersion": "registry.store",
     "BaseVersion": "registry.store",

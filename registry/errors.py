@@ -39,3 +39,28 @@ class VersionConflictError(RegistryError):
 
 class UnavailableError(RegistryError):
     """The tracking server or artifact store cannot be reached (site works from cache)."""
+
+
+class BadFileError(RegistryError):
+    """A local owner or site file is empty, corrupt, of the wrong shape or kind of key, or
+    encrypted without the passphrase; the message names the file and how to fix it."""
+
+
+class TrustError(SignatureError):
+    """A signed release record (root, targets, timestamp, promotion) is missing or invalid."""
+
+
+class ExpiredError(TrustError):
+    """A signed record is past its expiry: the registry is frozen or the owner stopped signing."""
+
+
+class LimitError(IntegrityError):
+    """A download is longer than its signed length (or the ceiling before one is known)."""
+
+
+class SiteFileError(BadFileError):
+    """A local site file is empty, garbage, of the wrong shape or holds the wrong kind of key."""
+
+
+class LockedError(RegistryError):
+    """Another pull holds the site's lock longer than the wait allowed."""

@@ -109,6 +109,7 @@ def mlflow_server(
     s3_url: str | None = None,
     backend_store_uri: str | None = None,
     timeout_s: float = 240.0,
+    port: int | None = None,
 ) -> Iterator[MlflowServer]:
     """`mlflow server --workers 1` (sqlite under ``root``; artifacts on ``s3`` or in ``root``).
 
@@ -120,7 +121,7 @@ def mlflow_server(
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()  # a fixed port lets a test restart "the same" server
     destination = f"s3://{s3.bucket}/mlartifacts" if s3 else (root / "artifacts").as_uri()
     cmd = [
         sys.executable, "-m", "mlflow", "server",

@@ -12,12 +12,10 @@ before it. Only primitives from ``cryptography`` are used.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -26,14 +24,29 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from registry.errors import IntegrityError, NotAuthorizedError, NotFoundError, SignatureError
-from registry.fsutil import atomic_write_bytes
+from registry.errors import BadFileError, IntegrityError, NotAuthorizedError, SignatureError
+
+# Key files moved to registry.keyfiles; re-exported here for existing callers.
+from registry.keyfiles import (  # noqa: F401
+    OWNER_PRIVATE_FILE,
+    OWNER_PUBLIC_FILE,
+    PASSPHRASE_ENV,
+    PASSPHRASE_FILE_ENV,
+    SITE_PRIVATE_FILE,
+    SITE_PUBLIC_FILE,
+    _public_pem,
+    generate_owner_keys,
+    generate_site_keys,
+    key_fingerprint,
+    load_private_key,
+    load_public_key,
+    passphrase_from_env,
+    public_pem_of,
+)
 
 MAGIC = b"ADALOC-SEALED\x00\x00\x01"
 SEAL_FORMAT = 1
 SIGNATURE_BYTES = 64
-OWNER_PRIVATE_FILE, OWNER_PUBLIC_FILE = "owner.key", "owner.pub"
-SITE_PRIVATE_FILE, SITE_PUBLIC_FILE = "site.key", "site.pub"
 _WRAP_INFO = b"adaloc/sealing/v1/wrap"
 _MAX_HEADER = 1 << 20
 
@@ -55,7 +68,12 @@ class SealedHeader:
 
     @classmethod
     def from_dict(cls, d: dict) -> SealedHeader:
-        """Build from the decoded header JSON; unknown fields land in ``extra``."""
+        """Build from the decoded header JSON; unknown fields land in ``extra``.
+
+        Every field's type is checked: IntegrityError names the first bad one.
+        """
+        if not isinstance(d, dict):
+            raise IntegrityError(f"sealed header is a JSON {type(d).__name__}, not an object")
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
         missing = sorted(k for k in ("key_version", "base_sha256", "owner", "nonce") if k not in d)
         if missing:
@@ -67,6 +85,8 @@ class SealedHeader:
         kwargs.setdefault("model_sha256", None)
         kwargs.setdefault("parts", [])
         kwargs.setdefault("recipients", [])
+        kwargs.setdefault("format", SEAL_FORMAT)
+        _check_header(kwargs)
         return cls(**kwargs, extra={k: v for k, v in d.items() if k not in known})
 
     def site_ids(self) -> list[str]:
@@ -74,65 +94,40 @@ class SealedHeader:
         return [r["site_id"] for r in self.recipients]
 
 
-def key_fingerprint(public_key_pem: bytes) -> str:
-    """Short, stable id of a public key: first 16 hex digits of sha256 of its raw bytes."""
-    key = serialization.load_pem_public_key(public_key_pem)
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _private_pem(key) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _public_pem(key) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def _write_keypair(directory: str | Path, names: tuple[str, str], key, overwrite: bool) -> Path:
-    directory = Path(directory)
-    private_path = directory / names[0]
-    if private_path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{private_path} already exists; pass overwrite=True (--force) to replace it"
-        )
-    # Private key first with 0600: a world-readable private key must never exist, even briefly.
-    atomic_write_bytes(private_path, _private_pem(key), mode=0o600)
-    atomic_write_bytes(directory / names[1], _public_pem(key.public_key()))
-    return private_path
-
-
-def generate_owner_keys(directory: str | Path, *, overwrite: bool = False) -> Path:
-    """Create the owner's Ed25519 signing pair (owner.key 0600, owner.pub); return owner.key."""
-    return _write_keypair(
-        directory, (OWNER_PRIVATE_FILE, OWNER_PUBLIC_FILE), Ed25519PrivateKey.generate(), overwrite
-    )
-
-
-def generate_site_keys(directory: str | Path, *, overwrite: bool = False) -> Path:
-    """Create a site's X25519 pair (site.key 0600, site.pub); return site.key."""
-    return _write_keypair(
-        directory, (SITE_PRIVATE_FILE, SITE_PUBLIC_FILE), X25519PrivateKey.generate(), overwrite
-    )
-
-
-def load_private_key(path: str | Path):
-    """Load an unencrypted PEM private key; NotFoundError with the path when missing."""
-    try:
-        return serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except FileNotFoundError as err:
-        raise NotFoundError(f"private key {path} not found; create it with `init`") from err
-
-
-def public_pem_of(private_key) -> bytes:
-    """PEM of the public half of a private key."""
-    return _public_pem(private_key.public_key())
+def _check_header(h: dict) -> None:
+    """Raise IntegrityError unless every header field has the type the reader relies on."""
+    problems = []
+    if not _is_int(h["key_version"]) or h["key_version"] < 1:
+        problems.append(f"key_version={h['key_version']!r}")
+    if h["parent"] is not None and not _is_int(h["parent"]):
+        problems.append(f"parent={h['parent']!r}")
+    for name in ("base_sha256", "owner", "nonce"):
+        if not isinstance(h[name], str):
+            problems.append(f"{name} is a {type(h[name]).__name__}")
+    if h["model_sha256"] is not None and not isinstance(h["model_sha256"], str):
+        problems.append("model_sha256 is not a string")
+    if not _is_int(h["format"]):
+        problems.append(f"format={h['format']!r}")
+    parts, recipients = h["parts"], h["recipients"]
+    if not isinstance(parts, list) or not all(
+        isinstance(p, dict)
+        and isinstance(p.get("name"), str)
+        and _is_int(p.get("size"))
+        and p["size"] >= 0
+        for p in parts
+    ):
+        problems.append("parts is not a list of {name, size >= 0}")
+    fields_ = ("site_id", "fingerprint", "ephemeral", "nonce", "wrapped")
+    if not isinstance(recipients, list) or not all(
+        isinstance(r, dict) and all(isinstance(r.get(f), str) for f in fields_) for r in recipients
+    ):
+        problems.append(f"recipients is not a list of {{{', '.join(fields_)}}} strings")
+    if problems:
+        raise IntegrityError(f"sealed header has bad fields: {'; '.join(problems)} (tampered?)")
 
 
 def _b64(data: bytes) -> str:
@@ -207,6 +202,9 @@ def seal(
 
 def _split(blob: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     """Return (body, header_bytes, ciphertext, signature) or raise IntegrityError."""
+    if not isinstance(blob, bytes | bytearray | memoryview):
+        raise IntegrityError(f"sealed key version is a {type(blob).__name__}, not bytes")
+    blob = bytes(blob)
     n = len(MAGIC)
     if len(blob) < n + 4 + SIGNATURE_BYTES or blob[:n] != MAGIC:
         raise IntegrityError("artifact is not a sealed adaloc key version (bad magic or truncated)")
@@ -221,17 +219,19 @@ def read_header(blob: bytes) -> SealedHeader:
     """Parse the header WITHOUT checking the signature (inspection only)."""
     _, header_bytes, _, _ = _split(blob)
     try:
-        return SealedHeader.from_dict(json.loads(header_bytes))
-    except (ValueError, TypeError) as err:
+        data = json.loads(header_bytes)
+    except (ValueError, TypeError, RecursionError) as err:
         raise IntegrityError(f"sealed key version header is not valid JSON ({err})") from err
+    return SealedHeader.from_dict(data)
 
 
 def verify_sealed(blob: bytes, owner_public_pem: bytes) -> SealedHeader:
     """Check the owner's Ed25519 signature over header + ciphertext; return the header."""
     body, _, _, signature = _split(blob)
-    owner = serialization.load_pem_public_key(owner_public_pem)
-    if not isinstance(owner, Ed25519PublicKey):
-        raise SignatureError("owner public key is not Ed25519; check the site's owner.pub")
+    try:
+        owner = load_public_key(owner_public_pem, Ed25519PublicKey, "the owner public key")
+    except BadFileError as err:
+        raise SignatureError(f"{err}; check the site's owner.pub") from err
     try:
         owner.verify(signature, body)
     except InvalidSignature as err:
@@ -275,7 +275,7 @@ def open_sealed(
         ) from err
     try:
         plain = AESGCM(data_key).decrypt(_unb64(header.nonce), ciphertext, header_bytes)
-    except InvalidTag as err:
+    except (InvalidTag, ValueError) as err:
         raise IntegrityError(
             f"key version {header.key_version} failed AEAD authentication (corrupted ciphertext)"
         ) from err

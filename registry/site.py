@@ -1,37 +1,48 @@
-"""Deployment site: holds the base, pulls sealed key versions, installs the authorized model.
+"""Deployment site: trusts only owner-signed records; installs one small key file per version.
 
-Folder layout::
-
-    site.json  owner.pub  site.key (0600)  site.pub
-    cache/bases/<base sha256>/{base.safetensors, model.json, sha256.json}
-    cache/keys/v<N>.sealed   cache/available.json
-    model/model.safetensors  model/model.json  model/token.json (0600, when sealed with one)
-    state.json               what is installed (written after the model, both atomically)
-
-Nothing under model/ or state.json changes until every check of a pull has passed.
+A pull, under the site's exclusive lock: newest verified timestamp (root chain from the
+site's owner.pub, expiry, counter >= the highest seen) -> the ref's key version from the
+signed list -> its signed targets record -> the base once (length-capped, sha256-checked
+before it is cached) -> the sealed key (capped, signed sha256, owner signature) -> decrypt
+-> a new installed set (key, card, token, state) switched in by one atomic rename of the
+``current`` symlink. The base is never rewritten or re-hashed per update; a full model file
+is written only by :meth:`Site.export`. Layout: see ``registry.site_files``.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
-from adaloc.errors import KeyFormatError, KeyMismatchError
-from adaloc.formats import BASE_FILE, MODEL_CARD_FILE, TOKEN_FILE, sha256_bytes, sha256_file
+from adaloc.errors import KeyFormatError
+from adaloc.formats import (
+    BASE_FILE,
+    KEY_FILE,
+    MODEL_CARD_FILE,
+    TOKEN_FILE,
+    sha256_bytes,
+)
+from registry import site_files as F
+from registry import trust as T
+from registry import trust_io as IO
 from registry.errors import (
     BaseMismatchError,
     IntegrityError,
+    LockedError,
     NotFoundError,
     RegistryError,
     RollbackError,
+    SiteFileError,
+    TrustError,
     UnavailableError,
 )
-from registry.fsutil import atomic_write_bytes, atomic_write_json, read_json
-from registry.progress import Progress, watch_downloads
+from registry.fetch import fetch
+from registry.fsutil import atomic_write_bytes, atomic_write_json
+from registry.progress import Progress
 from registry.records import PullResult
 from registry.sealing import (
     OWNER_PUBLIC_FILE,
@@ -39,25 +50,28 @@ from registry.sealing import (
     SITE_PUBLIC_FILE,
     generate_site_keys,
     key_fingerprint,
-    load_private_key,
     open_sealed,
+    read_header,
 )
+from registry.site_set import InstalledSet, SiteInstalled  # noqa: F401 - re-exported
 
-SITE_FILE, STATE_FILE, MODEL_FILE = "site.json", "state.json", "model.safetensors"
-SITE_FORMAT_VERSION = 1
+SITE_FORMAT_VERSION = 2
+LOCK_TIMEOUT_S = 300.0
+MODEL_FILE = "model.safetensors"
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-class Site:
+class Site(SiteInstalled):
     """One deployment site rooted at ``directory``."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self._bases: dict[str, dict] = {}  # base sha256 -> verified state (long-lived sites)
         self._registry = None
+
+    # -- init ------------------------------------------------------------------------------
 
     @classmethod
     def init(
@@ -71,22 +85,33 @@ class Site:
         registry_uri: str | None = None,
         overwrite: bool = False,
     ) -> Site:
-        """Create the site's key pair and config; give ``public_key_pem`` to the owner."""
+        """Create the site's key pair and config; give ``public_key_pem`` to the owner.
+
+        Inputs are checked first (owner.pub must be the owner's Ed25519 key), so a refused
+        init leaves nothing behind.
+        """
+        F.check_owner_pem(owner_public_pem, "owner public key")
         site = cls(directory)
-        if (site.directory / SITE_FILE).exists() and not overwrite:
+        if (site.directory / F.SITE_FILE).exists() and not overwrite:
             raise RegistryError(f"{site.directory} is already a site; pass --force to re-create")
-        generate_site_keys(site.directory, overwrite=overwrite)
-        atomic_write_bytes(site.directory / OWNER_PUBLIC_FILE, owner_public_pem)
-        config = {
-            "format_version": SITE_FORMAT_VERSION,
-            "site_id": site_id,
-            "tracking_uri": tracking_uri,
-            "registry_uri": registry_uri,
-            "model_name": model_name,
-            "owner_fingerprint": key_fingerprint(owner_public_pem),
-            "created_at": _now(),
-        }
-        atomic_write_json(site.directory / SITE_FILE, config)
+        existed = site.directory.exists()
+        try:
+            generate_site_keys(site.directory, overwrite=overwrite)
+            atomic_write_bytes(site.directory / OWNER_PUBLIC_FILE, owner_public_pem)
+            config = {
+                "format_version": SITE_FORMAT_VERSION,
+                "site_id": site_id,
+                "tracking_uri": tracking_uri,
+                "registry_uri": registry_uri,
+                "model_name": model_name,
+                "owner_fingerprint": key_fingerprint(owner_public_pem),
+                "created_at": _now(),
+            }
+            atomic_write_json(site.directory / F.SITE_FILE, config)  # last: marks a site
+        except BaseException:
+            if not existed:
+                shutil.rmtree(site.directory, ignore_errors=True)
+            raise
         return site
 
     # -- local state -----------------------------------------------------------------------
@@ -94,10 +119,10 @@ class Site:
     @property
     def config(self) -> dict:
         """The site's configuration (site.json)."""
-        data = read_json(self.directory / SITE_FILE)
-        if data is None:
+        cfg = F.read_model(self.directory / F.SITE_FILE, F.SiteConfig, "site config")
+        if cfg is None:
             raise NotFoundError(f"{self.directory} is not a site; run `adaloc site init` first")
-        return data
+        return cfg.model_dump()
 
     @property
     def public_key_pem(self) -> bytes:
@@ -105,32 +130,29 @@ class Site:
         return (self.directory / SITE_PUBLIC_FILE).read_bytes()
 
     @property
-    def model_path(self) -> Path:
-        """Where the authorized model is installed."""
-        return self.directory / "model" / MODEL_FILE
-
-    def installed(self) -> dict | None:
-        """The installed state (version, hashes, time), or None before the first pull."""
-        return read_json(self.directory / STATE_FILE)
-
     def set_tracking_uri(self, tracking_uri: str, registry_uri: str | None = None) -> None:
-        """Point the site at another address of its registry (server moved, proxy, mirror).
+        """Point the site at another address of its registry (moved, proxy, mirror).
 
-        The owner's public key and the installed state stay: what is pulled from the new
-        address is verified exactly as before.
+        Nothing else changes: what is pulled from there is verified exactly as before.
         """
         cfg = {**self.config, "tracking_uri": tracking_uri, "registry_uri": registry_uri}
-        atomic_write_json(self.directory / SITE_FILE, cfg)
+        atomic_write_json(self.directory / F.SITE_FILE, cfg)
         self._registry = None
 
     def registry(self):
-        """The KeyRegistry this site pulls from (built once)."""
+        """The KeyRegistry (transport only) this site pulls from (built once)."""
         if self._registry is None:
             from registry.store import KeyRegistry
 
             cfg = self.config
+            uri = cfg["tracking_uri"]
+            if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+                raise NotFoundError(
+                    f"registry database {uri[len('sqlite:///') :]} does not exist; check the "
+                    "site's tracking URI (`site.json`) or run the lock flow first"
+                )
             self._registry = KeyRegistry(
-                cfg["tracking_uri"], cfg["model_name"], registry_uri=cfg.get("registry_uri")
+                uri, cfg["model_name"], registry_uri=cfg.get("registry_uri")
             )
         return self._registry
 
@@ -140,10 +162,64 @@ class Site:
         except RegistryError:
             raise
         except Exception as err:  # noqa: BLE001 - MLflow/requests/boto raise many types
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise UnavailableError(
-                f"{what}: registry at {self.config['tracking_uri']} unavailable ({first[:200]})"
+                f"{what}: registry at {self.config['tracking_uri']} unavailable ({first}); "
+                "the installed version is unchanged"
             ) from err
+
+    # -- trust -----------------------------------------------------------------------------
+
+    def _trusted_root(self) -> T.RootSigned:
+        owner = F.load_owner_pem(self.directory / OWNER_PUBLIC_FILE)
+        anchor = T.anchor_root(self.config["model_name"], owner)
+        path = self.directory / F.TRUSTED_ROOT
+        if not path.exists():
+            return anchor
+        try:
+            env = T.parse(path.read_bytes(), "root", f"trusted root {path}")
+            root = T.verify(
+                env,
+                "root",
+                T.root_keys(T._shape(env["signed"], "root", str(path))),
+                1,
+                f"trusted root {path}",
+            )
+        except TrustError as err:
+            raise SiteFileError(str(err)) from err
+        return root
+
+    def _signed_state(self, allow_rollback: bool, *, persist: bool = True):
+        """(timestamp, root): the newest verified timestamp, fresh and not rolled back."""
+        trusted = self._trusted_root()  # local files first: a bad one fails before any I/O
+        reg = self.registry()
+        env, ts, root, run_id = self._online(
+            "read signed records", lambda: IO.newest_timestamp(reg, trusted)
+        )
+        IO.check_fresh(ts)
+        seen = F.read_model(
+            self.directory / F.SEEN_FILE, F.Seen, "rollback guard", missing=F.Seen(counter=0)
+        )
+        if ts.counter < seen.counter and not allow_rollback:
+            raise RollbackError(
+                f"the registry's signed timestamp has counter {ts.counter}, below {seen.counter} "
+                "that this site has already seen: a replayed or rolled-back registry; pass "
+                "--allow-rollback to accept it anyway"
+            )
+        if persist:
+            if root.version > trusted.version:
+                atomic_write_bytes(
+                    self.directory / F.TRUSTED_ROOT, self._root_bytes(reg, run_id, root)
+                )
+            if ts.counter > seen.counter:
+                atomic_write_json(
+                    self.directory / F.SEEN_FILE, {"counter": ts.counter, "seen_at": _now()}
+                )
+        return ts, root
+
+    @staticmethod
+    def _root_bytes(reg, run_id: str, root: T.RootSigned) -> bytes:
+        return IO.read_artifact(reg, run_id, IO.root_file(root.version), max_bytes=T.MAX_ROOT_BYTES)
 
     # -- pull ------------------------------------------------------------------------------
 
@@ -153,259 +229,230 @@ class Site:
         *,
         allow_rollback: bool = False,
         progress: Progress | None = None,
+        lock_timeout: float = LOCK_TIMEOUT_S,
     ) -> PullResult:
-        """Install key version ``ref``; on any failure the previous model stays installed."""
-        cfg, seconds, t0 = self.config, {}, time.perf_counter()
+        """Install key version ``ref`` (number, ``vN``, ``latest``, ``production``, alias).
+
+        Any refusal or failure leaves the installed set byte-identical.
+        """
+        from filelock import FileLock, Timeout
+
+        self.config  # noqa: B018 - a non-site folder fails here, before a lock file is made
+        lock = FileLock(str(self.directory / F.LOCK_FILE))
+        try:
+            lock.acquire(timeout=lock_timeout)
+        except Timeout as err:
+            raise LockedError(
+                f"another pull holds {self.directory / F.LOCK_FILE} for more than "
+                f"{lock_timeout:.0f}s; wait for it to finish"
+            ) from err
+        try:
+            F.sweep(self.directory)
+            return self._pull_locked(ref, allow_rollback, progress)
+        finally:
+            lock.release()
+
+    def _pull_locked(self, ref, allow_rollback: bool, progress) -> PullResult:
+        # Local files first: a damaged site.key fails before anything is fetched or written.
+        F.load_site_key(self.directory / SITE_PRIVATE_FILE)
+        seconds, t0 = {}, time.perf_counter()
+        F.load_site_key(self.directory / SITE_PRIVATE_FILE)  # fail before downloading anything
+        ts, root = self._signed_state(allow_rollback)
         reg = self.registry()
-        kv = self._online("resolve", lambda: reg.resolve(ref, with_metrics=False))
+        version = IO.resolve_ref(ts, root, ref)
+        tg = self._online("read targets", lambda: IO.read_targets(reg, ts, root, version))
+        if str(ref).strip() == "production":
+            promo = IO.production(ts, root)
+            if not tg.gate.passed and not promo.gate_override:
+                raise TrustError(f"production key version {version} failed the signed quality gate")
         seconds["resolve"] = time.perf_counter() - t0
         state = self.installed()
         previous = state["version"] if state else None
-        if state and state["base_sha256"] != kv.base_sha256:
+        if state and state["base_sha256"] != tg.base_sha256:
             raise BaseMismatchError(
-                f"key version {kv.version} is for base {kv.base_sha256[:12]}, but this site "
-                f"holds base {state['base_sha256'][:12]}; a new lock needs a new site"
+                f"key version {version} is for base {tg.base_sha256[:12]}, but this site holds "
+                f"base {state['base_sha256'][:12]}; a new lock needs a new site"
             )
-        if state and kv.version < state["version"] and not allow_rollback:
+        if state and version < state["version"] and not allow_rollback:
             raise RollbackError(
-                f"key version {kv.version} is older than installed version {state['version']}; "
+                f"key version {version} is older than installed version {state['version']}; "
                 "pass --allow-rollback to install it anyway"
             )
-        if state and state["artifact_sha256"] == kv.artifact_sha256 and self._model_intact(state):
-            return PullResult(
-                kv.version,
-                previous,
-                False,
-                kv.base_sha256,
-                state["model_sha256"],
-                str(self.model_path),
-                seconds=seconds,
-            )
+        entry = ts.versions[str(version)]
+        if state and state["version"] == version and state["targets_sha256"] == entry.sha256:
+            try:
+                self.installed_set(verify=True)
+                return PullResult(
+                    version,
+                    previous,
+                    False,
+                    tg.base_sha256,
+                    tg.model_sha256,
+                    str(self.directory / F.CURRENT),
+                    seconds=seconds,
+                )
+            except IntegrityError:
+                pass  # the set was damaged on disk: re-install it below
 
         t = time.perf_counter()
-        base_dir, bytes_base = self._ensure_base(kv.base_sha256, progress)
+        base_dir, bytes_base = self._ensure_base(tg, progress)
         seconds["base"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        tmp = self.directory / "cache" / "tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        with watch_downloads(tmp, f"key v{kv.version}", kv.sealed_bytes, progress):
-            sealed_path = self._online("download key", lambda: reg.download_key(kv, tmp))
-        blob = sealed_path.read_bytes()
-        atomic_write_bytes(self.directory / "cache" / "keys" / f"v{kv.version}.sealed", blob)
-        shutil.rmtree(tmp, ignore_errors=True)
+        k = tg.files["key.sealed"]
+        keys_dir = self.directory / "cache" / "keys"
+        part = keys_dir / f".v{version}.sealed.download"
+        self._online(
+            "download key",
+            lambda: fetch(
+                self._uri(reg, k),
+                part,
+                max_bytes=k.length,
+                expect_sha256=k.sha256,
+                expect_length=k.length,
+                tracking_uri=reg.tracking_uri,
+                registry_uri=reg.registry_uri,
+                label=f"key v{version}",
+                progress=progress,
+            ),
+        )
+        blob = part.read_bytes()
+        os.replace(part, keys_dir / f"v{version}.sealed")
         seconds["download_key"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        header, parts = open_sealed(
-            blob,
-            site_id=cfg["site_id"],
-            site_private_key=load_private_key(self.directory / SITE_PRIVATE_FILE),
-            owner_public_pem=(self.directory / OWNER_PUBLIC_FILE).read_bytes(),
-        )
-        self._check_header(header, kv, state, allow_rollback)
+        parts = self._open(blob, tg, root)
         seconds["verify_decrypt"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        model_bytes, model_sha, file_sha = self._apply(base_dir, header, parts["key"])
-        seconds["apply"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        self._install(model_bytes, base_dir, parts.get("token"))
         new_state = {
-            "version": header.key_version,
-            "parent": header.parent,
-            "mlflow_version": kv.mlflow_version,
-            "base_sha256": header.base_sha256,
-            "model_sha256": model_sha,
-            "model_file_sha256": file_sha,
-            "artifact_sha256": kv.artifact_sha256,
+            "version": version,
+            "parent": tg.parent,
+            "mlflow_version": version,
+            "base_sha256": tg.base_sha256,
+            "model_sha256": tg.model_sha256,
+            "key_sha256": sha256_bytes(parts["key"]),
+            "card_sha256": tg.files[MODEL_CARD_FILE].sha256,
+            "token_sha256": sha256_bytes(parts["token"]) if "token" in parts else None,
             "token": "token" in parts,
+            "base_file_sha256": tg.files[BASE_FILE].sha256,
+            "base_bytes": tg.files[BASE_FILE].length,
+            "targets_sha256": entry.sha256,
+            "timestamp_counter": ts.counter,
+            "gate_passed": tg.gate.passed,
             "ref": str(ref),
             "installed_at": _now(),
             "previous": previous,
         }
-        atomic_write_json(self.directory / STATE_FILE, new_state)
+        staging = F.new_set_dir(self.directory, version)
+        atomic_write_bytes(staging / KEY_FILE, parts["key"], mode=0o600)
+        atomic_write_bytes(staging / MODEL_CARD_FILE, (base_dir / MODEL_CARD_FILE).read_bytes())
+        if "token" in parts:
+            atomic_write_bytes(staging / TOKEN_FILE, parts["token"], mode=0o600)
+        atomic_write_json(staging / F.STATE_FILE, new_state)
+        F.switch_current(self.directory, staging)
         seconds["install"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0
         return PullResult(
-            header.key_version,
+            version,
             previous,
             True,
-            header.base_sha256,
-            model_sha,
-            str(self.model_path),
+            tg.base_sha256,
+            tg.model_sha256,
+            str(self.directory / F.CURRENT),
             bytes_base,
             len(blob),
             seconds,
         )
 
-    def _check_header(self, header, kv, state: dict | None, allow_rollback: bool) -> None:
-        """The signed header, not the editable MLflow tags, is what counts."""
-        if header.extra.get("model") not in (None, self.config["model_name"]):
-            raise BaseMismatchError(
-                f"sealed key is for model {header.extra.get('model')!r}, "
-                f"this site serves {self.config['model_name']!r}"
-            )
-        if header.key_version != kv.version:
-            raise IntegrityError(
-                f"registry says key version {kv.version} but the signed header says "
-                f"{header.key_version}: tags were altered"
-            )
-        if header.base_sha256 != kv.base_sha256:
-            raise BaseMismatchError(
-                f"key version {kv.version} is signed for base {header.base_sha256[:12]}, "
-                f"not the base {kv.base_sha256[:12]} the registry pairs it with"
-            )
-        if state and header.key_version < state["version"] and not allow_rollback:
-            raise RollbackError(
-                f"key version {header.key_version} is older than installed version "
-                f"{state['version']}; pass --allow-rollback to install it anyway"
-            )
-
-    def _ensure_base(self, base_sha256: str, progress: Progress | None) -> tuple[Path, int]:
-        """Cached base folder for ``base_sha256`` (downloaded once, sha256-checked)."""
-        target = self.directory / "cache" / "bases" / base_sha256
-        meta = read_json(target / "sha256.json")
-        if meta and (target / BASE_FILE).is_file():
-            return target, 0
-        reg = self.registry()
-        bv = self._online("find base", lambda: reg.base(base_sha256))
-        staging = target.with_name(f".{base_sha256}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        with watch_downloads(staging, "base", bv.bytes, progress):
-            got = self._online("download base", lambda: reg.download_base(bv, staging))
-        got = Path(got)
-        if sha256_file(got / BASE_FILE) != bv.file_sha256:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise IntegrityError(
-                f"downloaded {BASE_FILE} does not match published sha256 {bv.file_sha256[:12]}"
-            )
-        atomic_write_json(got / "sha256.json", bv.to_dict())
-        shutil.rmtree(target, ignore_errors=True)
-        got.rename(target)  # the cache entry appears complete or not at all
-        shutil.rmtree(staging, ignore_errors=True)
-        return target, (target / BASE_FILE).stat().st_size
-
-    def _apply(self, base_dir: Path, header, key_bytes: bytes) -> tuple[bytes, str, str]:
-        """Decode the key, unlock the base, check the result.
-
-        Returns (file bytes, state sha256, file sha256). When the owner signed the authorized
-        model's sha256 (every version the registry publishes), that one check covers the
-        cached base too, so the base is not re-hashed on each pull.
-        """
-        from safetensors.torch import save as st_save
-
-        from adaloc.artifact import decode_key
-        from adaloc.lock import apply_key, state_sha256
-
-        try:
-            key = decode_key(key_bytes)
-        except KeyFormatError as err:
-            raise IntegrityError(f"key version {header.key_version}: {err}") from err
-        if key.version != header.key_version or key.base_sha256 != header.base_sha256:
-            raise IntegrityError(
-                f"key artifact says version {key.version} / base {key.base_sha256[:12]}, the "
-                f"signed header says {header.key_version} / {header.base_sha256[:12]}"
-            )
-        signed = bool(header.model_sha256)
-        state = self._base_state(base_dir, header.base_sha256, verify=not signed)
-        try:
-            state = apply_key(state, key, check_base=False)
-        except KeyMismatchError as err:
-            raise BaseMismatchError(str(err)) from err
-        meta = {
-            "format": "adaloc-model",
-            "key_version": str(header.key_version),
-            "base_sha256": header.base_sha256,
-        }
-        with ThreadPoolExecutor(1) as pool:  # hashlib releases the GIL: hash while serialising
-            model_sha_job = pool.submit(state_sha256, state)
-            data = st_save(state, metadata=meta)
-            file_sha = sha256_bytes(data)
-            model_sha = model_sha_job.result()
-        if signed and model_sha != header.model_sha256:
-            self._bases.pop(header.base_sha256, None)
-            self._base_state(base_dir, header.base_sha256, verify=True)  # names a bad cache
-            raise IntegrityError(
-                f"authorized model of key version {header.key_version} has sha256 "
-                f"{model_sha[:12]}, the owner's is {header.model_sha256[:12]}"
-            )
-        return data, model_sha, file_sha
-
-    def _base_state(self, base_dir: Path, base_sha256: str, *, verify: bool = True) -> dict:
-        """The cached base's state dict, kept per Site object (fingerprint-checked if asked)."""
-        cached = self._bases.get(base_sha256)
-        if cached is None or (verify and not cached["verified"]):
-            from adaloc.artifact import decode_base
-
-            path = base_dir / BASE_FILE
-            try:
-                state, embedded = decode_base(path.read_bytes(), verify=verify)
-            except (KeyFormatError, OSError) as err:
-                raise IntegrityError(f"cached base is unusable ({err}); delete {base_dir}") from err
-            if embedded != base_sha256:
-                raise BaseMismatchError(
-                    f"cached base is {str(embedded)[:12]}, the key needs {base_sha256[:12]}"
-                )
-            cached = self._bases[base_sha256] = {"state": state, "verified": verify}
-        return cached["state"]
-
-    def _install(self, model_bytes: bytes, base_dir: Path, token: bytes | None) -> None:
-        model_dir = self.model_path.parent
-        atomic_write_bytes(model_dir / MODEL_CARD_FILE, (base_dir / MODEL_CARD_FILE).read_bytes())
-        if token is not None:
-            atomic_write_bytes(model_dir / TOKEN_FILE, token, mode=0o600)
-        atomic_write_bytes(self.model_path, model_bytes)
-        if token is None:
-            (model_dir / TOKEN_FILE).unlink(missing_ok=True)
-
-    def _model_intact(self, state: dict) -> bool:
-        return self.model_path.is_file() and sha256_file(self.model_path) == state.get(
-            "model_file_sha256"
+    def _uri(self, reg, entry: T.FileEntry) -> str:
+        return (
+            f"{self._online('find run', lambda: IO.artifact_uri(reg, entry.run_id))}/{entry.path}"
         )
 
-    # -- status ----------------------------------------------------------------------------
+    def _open(self, blob: bytes, tg: T.TargetsSigned, root: T.RootSigned) -> dict[str, bytes]:
+        """Check the sealed blob's owner signature and header against the targets; decrypt."""
+        from adaloc.artifact import decode_key
 
-    def status(self, *, online: bool = True) -> dict:
-        """Installed version and what the registry offers (from cache when offline)."""
-        cfg, state = self.config, self.installed()
-        cache = self.directory / "cache" / "available.json"
-        available, offline, error = None, not online, None
-        if online:
-            try:
-                versions = self._online("list", lambda: self.registry().history())
-                available = {
-                    "fetched_at": _now(),
-                    "versions": [
-                        {
-                            "version": kv.version,
-                            "parent": kv.parent,
-                            "aliases": kv.aliases,
-                            "sealed_bytes": kv.sealed_bytes,
-                            "base_sha256": kv.base_sha256,
-                            "for_this_site": cfg["site_id"] in kv.recipients,
-                        }
-                        for kv in versions
-                    ],
-                }
-                atomic_write_json(cache, available)
-            except UnavailableError as err:
-                offline, error = True, str(err)
-        if available is None:
-            available = read_json(cache) or {"fetched_at": None, "versions": []}
-        latest = max((v["version"] for v in available["versions"]), default=None)
-        return {
-            "site_id": cfg["site_id"],
-            "model_name": cfg["model_name"],
-            "tracking_uri": cfg["tracking_uri"],
-            "installed": state,
-            "model_intact": bool(state) and self._model_intact(state),
-            "available": available["versions"],
-            "available_fetched_at": available["fetched_at"],
-            "update_available": latest is not None and (not state or latest > state["version"]),
-            "offline": offline,
-            "error": error,
-        }
+        signer = read_header(blob).owner
+        pem = T.seal_keys(root).get(signer)
+        if pem is None:
+            raise TrustError(
+                f"key version {tg.key_version} is sealed by key {signer}, which the "
+                f"owner's root v{root.version} does not name (revoked?)"
+            )
+        header, parts = open_sealed(
+            blob,
+            site_id=self.config["site_id"],
+            owner_public_pem=pem.encode(),
+            site_private_key=F.load_site_key(self.directory / SITE_PRIVATE_FILE),
+        )
+        if (
+            (header.key_version, header.base_sha256) != (tg.key_version, tg.base_sha256)
+            or (header.model_sha256 or "") != tg.model_sha256
+            or header.extra.get("model") not in (None, tg.model)
+        ):
+            raise IntegrityError(
+                f"sealed key says version {header.key_version} / base {header.base_sha256[:12]}, "
+                f"the signed targets say {tg.key_version} / {tg.base_sha256[:12]}: mixed records"
+            )
+        if ("token" in parts) != tg.token:
+            raise IntegrityError(
+                f"key version {tg.key_version}: token presence differs from targets"
+            )
+        try:
+            key = decode_key(parts["key"])
+        except KeyFormatError as err:
+            raise IntegrityError(f"key version {tg.key_version}: {err}") from err
+        if key.version != tg.key_version or key.base_sha256 != tg.base_sha256:
+            raise IntegrityError(
+                f"key artifact says version {key.version}, targets say {tg.key_version}"
+            )
+        return parts
+
+    def _base_dir(self, base_sha256: str) -> Path:
+        return self.directory / "cache" / "bases" / base_sha256
+
+    def _ensure_base(self, tg: T.TargetsSigned, progress) -> tuple[Path, int]:
+        """The verified base folder; downloaded once (capped, sha256 before caching)."""
+        target = self._base_dir(tg.base_sha256)  # a signed, hex-only name: no path games
+        b, c = tg.files[BASE_FILE], tg.files[MODEL_CARD_FILE]
+        if target.exists():
+            marker = F.read_model(target / "verified.json", F._Loose, "base marker", missing=None)
+            ok = (
+                marker is not None
+                and marker.model_dump().get("base") == b.sha256
+                and (marker.model_dump().get("card") == c.sha256)
+                and (target / BASE_FILE).is_file()
+                and (target / BASE_FILE).stat().st_size == b.length
+            )
+            if ok:
+                return target, 0
+            F.quarantine(self.directory, target, "cached base does not match the signed targets")
+        reg = self.registry()
+        staging = target.with_name(f".{tg.base_sha256}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for name, e in ((MODEL_CARD_FILE, c), (BASE_FILE, b)):
+            self._online(
+                f"download {name}",
+                lambda e=e, name=name: fetch(
+                    self._uri(reg, e),
+                    staging / name,
+                    max_bytes=e.length,
+                    expect_sha256=e.sha256,
+                    expect_length=e.length,
+                    tracking_uri=reg.tracking_uri,
+                    registry_uri=reg.registry_uri,
+                    label="base" if name == BASE_FILE else name,
+                    progress=progress,
+                ),
+            )
+        atomic_write_json(
+            staging / "verified.json",
+            {"base": b.sha256, "card": c.sha256, "base_sha256": tg.base_sha256},
+        )
+        os.replace(staging, target)  # the cache entry appears complete or not at all
+        return target, b.length
+
+    # -- export / status -------------------------------------------------------------------

@@ -12,7 +12,6 @@ Readers (resolve/history/lineage/base) only ever return status=ready versions.
 from __future__ import annotations
 
 import json
-import struct
 import tempfile
 from pathlib import Path
 
@@ -20,43 +19,31 @@ from mlflow.exceptions import MlflowException
 
 from adaloc.formats import BASE_FILE, MODEL_CARD_FILE, sha256_bytes, sha256_file
 from registry import records as R
+from registry import release, trust_io
 from registry.errors import (
     BaseMismatchError,
     IntegrityError,
     NotFoundError,
     RegistryError,
-    VersionConflictError,
+    TrustError,
 )
 from registry.mlflow_io import MlflowStore, git_sha
+from registry.publish import KeyPublishing, _base_file_entries
 from registry.records import BaseVersion, KeyVersion
-from registry.sealing import key_fingerprint, read_header, verify_sealed
-from registry.sites import OwnerKeyring
+from registry.sealing import read_header, verify_sealed
+from registry.trust import DEFAULT_TIMESTAMP_EXPIRY
 
 _MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
-def _canonical(data: bytes) -> bytes:
-    """Byte-stable form of a safetensors blob: its header JSON re-serialized with sorted keys.
-
-    adaloc's encode_key is byte-deterministic already; this keeps the idempotency id stable
-    for raw key bytes from other writers, whose safetensors metadata order may vary.
-    """
-    try:
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n])
-    except (struct.error, ValueError):
-        return data
-    return json.dumps(header, sort_keys=True).encode() + data[8 + n :]
-
-
-def _as_bytes(obj) -> bytes | None:
-    if obj is None or isinstance(obj, bytes):
-        return obj
-    return obj.to_bytes()
-
-
-class KeyRegistry(MlflowStore):
+class KeyRegistry(KeyPublishing, MlflowStore):
     """Registered models `<name>-base` and `<name>-key` in one MLflow experiment `<name>`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timestamp_expiry = DEFAULT_TIMESTAMP_EXPIRY  # re-signed by the retrain flow
+        # base sha256 -> targets entries computed from the owner's own files (publish_base)
+        self._local_bases: dict[str, dict] = {}
 
     # -- base ------------------------------------------------------------------------------
 
@@ -83,6 +70,7 @@ class KeyRegistry(MlflowStore):
         file_sha, size = sha256_file(base_file), base_file.stat().st_size
         for bv in self.bases():
             if bv.base_sha256 == base_sha256:
+                self._remember_base(bv, base_file, card_file)
                 return bv
         # Keyed on the state sha only: re-saving the same base gives other file bytes.
         idem = sha256_bytes(f"base|{self.model_name}|{base_sha256}".encode())[:32]
@@ -111,7 +99,20 @@ class KeyRegistry(MlflowStore):
         }
         mv = self._register(self.base_name, run_id, source, tags)
         self._mark_ready(self.base_name, mv, run_id)
-        return self.base(base_sha256)
+        bv = self.base(base_sha256)
+        self._remember_base(bv, base_file, card_file)
+        return bv
+
+    def _remember_base(self, bv: BaseVersion, base_file: Path, card_file: Path) -> None:
+        """Keep the owner's own file hashes of this base for the targets records it signs."""
+        if sha256_file(base_file) == bv.file_sha256 and base_file.stat().st_size == bv.bytes:
+            card = card_file.read_bytes()
+            stored = trust_io.read_artifact(
+                self, bv.run_id, f"{R.BASE_DIR}/{MODEL_CARD_FILE}", max_bytes=len(card),
+                sha256=sha256_bytes(card), length=len(card),
+            )  # fmt: skip
+            if stored == card:
+                self._local_bases[bv.base_sha256] = _base_file_entries(bv, card)
 
     @staticmethod
     def _adopt_stored_base(path: Path, base_sha256: str, run_id: str) -> tuple[str, int]:
@@ -154,134 +155,6 @@ class KeyRegistry(MlflowStore):
 
     # -- key versions ----------------------------------------------------------------------
 
-    def publish_key(
-        self,
-        key,
-        *,
-        owner: OwnerKeyring,
-        token=None,
-        version: int | None = None,
-        parent: int | None = None,
-        base_sha256: str | None = None,
-        model_sha256: str | None = None,
-        metrics: dict | None = None,
-        params: dict | None = None,
-        data_version: str | None = None,
-        code_version: str | None = None,
-        key_spec: dict | str | None = None,
-        aliases: tuple[str, ...] | list[str] = (),
-        run_id: str | None = None,
-    ) -> KeyVersion:
-        """Seal ``key`` (+ token) for the authorised sites and publish it as a key version."""
-        if isinstance(key, bytes):
-            key_bytes = key
-        else:
-            from adaloc.artifact import encode_key
-
-            key_bytes = encode_key(key)
-            version = key.version if version is None else version
-            parent = key.parent if parent is None else parent
-            base_sha256 = key.base_sha256 if base_sha256 is None else base_sha256
-        if version is None or base_sha256 is None:
-            raise RegistryError("publish_key needs version and base_sha256 for raw key bytes")
-        if parent is not None and parent >= version:
-            raise RegistryError(f"parent {parent} must be older than key version {version}")
-        token_bytes = _as_bytes(token)
-        base = self.base(base_sha256)
-        parts = {"key": key_bytes} | ({"token": token_bytes} if token_bytes else {})
-        idem = owner.idempotency_key(
-            "key", self.model_name, str(version), base_sha256, *map(_canonical, parts.values())
-        )
-        existing = {kv.version: kv for kv in self.history(with_aliases=False)}
-        if version in existing:
-            kv = existing[version]
-            if self.client.get_run(kv.run_id).data.tags.get(R.IDEMPOTENCY) != idem:
-                raise VersionConflictError(
-                    f"key version {version} of {self.key_name!r} is already published with other "
-                    f"content; versions are immutable, publish version {max(existing) + 1}"
-                )
-            self._move_aliases(kv.mlflow_version, aliases)
-            return self.resolve(version)
-        if parent is not None and parent not in existing:
-            raise NotFoundError(
-                f"parent key version {parent} is not published in {self.key_name!r}"
-            )
-        if isinstance(key_spec, dict):
-            key_spec = json.dumps(key_spec, sort_keys=True)
-        run = self._find_or_create_run(
-            idem, run_id, f"key-v{version}", {R.KIND: "key", R.KEY_VERSION: str(version)}
-        )
-        run_id, source = run.info.run_id, f"{run.info.artifact_uri}/{R.KEY_DIR}"
-        self._log_once(run, params, {**(metrics or {}), "key_bytes": len(key_bytes)})
-        header = {
-            "model": self.model_name,
-            "key_version": version,
-            "parent": parent,
-            "base_sha256": base_sha256,
-            "model_sha256": model_sha256,
-        }
-        blob = self._store_sealed(run_id, source, owner, parts, header)
-        self._ensure_registered_model(self.key_name, f"Sealed key versions of {self.model_name}")
-        sealed = read_header(blob)
-        tags = {
-            R.KEY_VERSION: str(version),
-            R.PARENT: "" if parent is None else str(parent),
-            R.BASE_SHA256: base_sha256,
-            R.BASE_VERSION: str(base.mlflow_version),
-            R.ARTIFACT_SHA256: sha256_bytes(blob),
-            R.MODEL_SHA256: model_sha256 or "",
-            R.SEALED_BYTES: str(len(blob)),
-            R.KEY_BYTES: str(len(key_bytes)),
-            R.TOKEN: "sealed" if token_bytes else "none",
-            R.DATA_VERSION: data_version or "unknown",
-            R.CODE_VERSION: code_version or git_sha(),
-            R.KEY_SPEC: key_spec or "",
-            R.RECIPIENTS: ",".join(sealed.site_ids()),
-            R.OWNER_KEY: sealed.owner,
-        }
-        mv = self._register(self.key_name, run_id, source, tags)
-        self._mark_ready(self.key_name, mv, run_id)
-        self._move_aliases(int(mv.version), aliases)
-        return self.resolve(version)
-
-    def _store_sealed(
-        self, run_id: str, source: str, owner: OwnerKeyring, parts: dict, header: dict
-    ) -> bytes:
-        """Seal and upload unless the run already holds a valid sealed blob; verify; return it."""
-        owner_pem = owner.owner_public_pem
-        path, uri = f"{R.KEY_DIR}/{R.SEALED_FILE}", f"{source}/{R.SEALED_FILE}"
-        with tempfile.TemporaryDirectory() as tmp:
-            stored = {f.path for f in self.client.list_artifacts(run_id, R.KEY_DIR)}
-            blob = None
-            if path in stored:
-                # A crashed earlier attempt uploaded it: keep those bytes if they are sound.
-                try:
-                    old = self._download(uri, Path(tmp) / "old").read_bytes()
-                    h = verify_sealed(old, owner_pem)
-                    if (
-                        h.key_version == header["key_version"]
-                        and h.base_sha256 == header["base_sha256"]
-                        and set(h.site_ids()) == set(owner.recipients())
-                    ):
-                        blob = old
-                except RegistryError:
-                    blob = None
-            if blob is None:
-                blob = owner.seal(parts, header)
-                local = Path(tmp) / "new" / R.SEALED_FILE
-                local.parent.mkdir()
-                local.write_bytes(blob)
-                public = read_header(blob)
-                (local.parent / R.HEADER_FILE).write_text(
-                    json.dumps(_public_header(public), indent=2, sort_keys=True)
-                )
-                self.client.log_artifacts(run_id, str(local.parent), R.KEY_DIR)
-            got = self._download(uri, Path(tmp) / "check").read_bytes()
-            if got != blob:
-                raise IntegrityError(f"stored {path} of run {run_id} differs from what was sent")
-            verify_sealed(got, owner_pem)
-        return blob
-
     def _move_aliases(self, mlflow_version: int, aliases) -> None:
         for alias in aliases:
             self.client.set_registered_model_alias(self.key_name, alias, str(mlflow_version))
@@ -296,11 +169,13 @@ class KeyRegistry(MlflowStore):
             if mv.tags.get(R.STATUS) != R.READY:
                 continue
             metrics = self.client.get_run(mv.run_id).data.metrics if with_metrics else None
-            out.append(
-                KeyVersion.from_model_version(
+            try:
+                kv = KeyVersion.from_model_version(
                     mv, aliases=by_version.get(int(mv.version), []), metrics=metrics
                 )
-            )
+            except (TypeError, ValueError):
+                continue  # tags are not numbers: not a version this registry wrote (a hint only)
+            out.append(kv)
         return sorted(out, key=lambda kv: kv.version)
 
     def resolve(self, ref: int | str = "production", *, with_metrics: bool = True) -> KeyVersion:
@@ -353,17 +228,36 @@ class KeyRegistry(MlflowStore):
             kv = by_version.get(kv.parent) if kv.parent is not None else None
         return chain
 
-    def set_alias(self, alias: str, ref: int | str) -> KeyVersion:
-        """Point ``alias`` at a ready key version (aliases move; versions never change)."""
+    def set_alias(self, alias: str, ref: int | str, *, owner=None, **promote_kw) -> KeyVersion:
+        """Point ``alias`` at a ready key version: an owner-signed act (timestamp record).
+
+        The MLflow alias is moved too, as a hint for people and the UI; sites read only the
+        signed record. ``production`` is a signed promotion (see :meth:`promote`).
+        """
         if alias.isdigit() or alias in ("latest",) or alias[:1] in "vV" and alias[1:].isdigit():
             raise RegistryError(f"alias {alias!r} would shadow a version reference; pick a name")
+        if owner is None:
+            raise TrustError(
+                f"moving alias {alias!r} is an owner-signed act: pass the owner's keyring "
+                "(`--owner-dir DIR` holding owner.key)"
+            )
         kv = self.resolve(ref)
+        if alias == "production":
+            release.promote(self, owner, kv.version, expires=self.timestamp_expiry, **promote_kw)
+        else:
+            release.sign_timestamp(
+                self, owner, aliases={alias: kv.version}, expires=self.timestamp_expiry
+            )
         self._move_aliases(kv.mlflow_version, [alias])
         return self.resolve(kv.version)
 
-    def promote(self, ref: int | str, alias: str = "production") -> KeyVersion:
-        """Move ``alias`` (default ``production``) to key version ``ref``."""
-        return self.set_alias(alias, ref)
+    def promote(self, ref: int | str, alias: str = "production", *, owner=None, **kw) -> KeyVersion:
+        """Sign "``alias`` (default production) = key version ``ref``" with the owner key."""
+        return self.set_alias(alias, ref, owner=owner, **kw)
+
+    def sign_timestamp(self, owner) -> int:
+        """Re-sign the timestamp (new expiry, counter + 1); returns the new counter."""
+        return release.sign_timestamp(self, owner, expires=self.timestamp_expiry).counter
 
     def download_key(self, kv: KeyVersion, dst_dir: str | Path) -> Path:
         """Download the sealed blob of ``kv``; check its size and sha256 against the tags."""
@@ -378,38 +272,43 @@ class KeyRegistry(MlflowStore):
         return path
 
     def verify(self, ref: int | str, *, owner_public_pem: bytes | None = None) -> dict:
-        """Re-check a key version: stored sha256/size, header vs tags, base, signature."""
-        kv = self.resolve(ref)
-        checks = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            blob = self.download_key(kv, tmp).read_bytes()
-        checks["artifact_sha256"] = kv.artifact_sha256
-        header = verify_sealed(blob, owner_public_pem) if owner_public_pem else read_header(blob)
-        checks["signature"] = key_fingerprint(owner_public_pem) if owner_public_pem else "skipped"
-        if header.key_version != kv.version or header.parent != kv.parent:
-            raise IntegrityError(
-                f"key version {kv.version}: sealed header says version {header.key_version} "
-                f"parent {header.parent}, tags say parent {kv.parent}"
+        """Re-check a key version as a site would: signed timestamp and targets, stored
+        sealed key (length, sha256, owner signature), header vs targets, base."""
+        if not owner_public_pem:
+            raise TrustError(
+                "verify needs a trusted owner public key (--owner-pub owner.pub): without it "
+                "nothing can be checked"
             )
-        if header.base_sha256 != kv.base_sha256:
+        from registry.trust import anchor_root, seal_keys
+
+        anchor = anchor_root(self.model_name, owner_public_pem)
+        _, ts, root, _ = trust_io.newest_timestamp(self, anchor)
+        trust_io.check_fresh(ts)
+        version = trust_io.resolve_ref(ts, root, ref)
+        tg = trust_io.read_targets(self, ts, root, version)
+        entry = tg.files["key.sealed"]
+        blob = trust_io.read_artifact(
+            self, entry.run_id, entry.path, max_bytes=entry.length, sha256=entry.sha256,
+            length=entry.length, label=f"sealed key v{version}",
+        )  # fmt: skip
+        owner = read_header(blob).owner
+        pem = seal_keys(root).get(owner)
+        if pem is None:
+            raise TrustError(f"key version {version} is sealed by key {owner}, not a root key")
+        header = verify_sealed(blob, pem.encode())
+        if header.key_version != version or header.base_sha256 != tg.base_sha256:
             raise BaseMismatchError(
-                f"key version {kv.version}: sealed for base {header.base_sha256[:12]} but tagged "
-                f"with base {kv.base_sha256[:12]}"
+                f"key version {version}: sealed header says version {header.key_version} base "
+                f"{header.base_sha256[:12]}, the signed targets say {tg.base_sha256[:12]}"
             )
-        checks["base_version"] = self.base(kv.base_sha256).mlflow_version
-        return {"version": kv.version, "ok": True, "checks": checks}
-
-
-def _public_header(header) -> dict:
-    """Header fields worth showing in the UI; the wrapped data keys are left out for brevity."""
-    return {
-        "key_version": header.key_version,
-        "parent": header.parent,
-        "base_sha256": header.base_sha256,
-        "model_sha256": header.model_sha256,
-        "owner": header.owner,
-        "recipients": [
-            {"site_id": r["site_id"], "fingerprint": r["fingerprint"]} for r in header.recipients
-        ],
-        "parts": header.parts,
-    }
+        checks = {
+            "root_version": root.version,
+            "timestamp_counter": ts.counter,
+            "timestamp_expires": ts.expires.isoformat(),
+            "artifact_sha256": entry.sha256,
+            "signature": owner,
+            "base_sha256": tg.base_sha256,
+            "base_version": tg.base_version,
+            "gate_passed": tg.gate.passed,
+        }
+        return {"version": version, "ok": True, "checks": checks}

@@ -11,9 +11,10 @@ from pipelines import plots
 from pipelines import tasks as T
 from pipelines import token_tasks as TT
 from pipelines.flows.common import gate, open_registry, read_config, report, run_name
+from pipelines.scratch import HOOKS as SCRATCH_HOOKS
 
 
-@flow(name="evaluate", flow_run_name=run_name("evaluate"), log_prints=True)
+@flow(name="evaluate", flow_run_name=run_name("evaluate"), log_prints=True, **SCRATCH_HOOKS)
 def evaluate_flow(
     config_path: str | None = None, overrides: dict | None = None, ref: str = "production"
 ) -> dict:

@@ -19,9 +19,10 @@ from pipelines.flows.common import (
     require_sites,
     run_name,
 )
+from pipelines.scratch import HOOKS as SCRATCH_HOOKS
 
 
-@flow(name="lock", flow_run_name=run_name("lock"), log_prints=True)
+@flow(name="lock", flow_run_name=run_name("lock"), log_prints=True, **SCRATCH_HOOKS)
 def lock_flow(
     config_path: str | None = None,
     overrides: dict | None = None,
@@ -68,7 +69,6 @@ def lock_flow(
         params,
         {"train_seconds": seconds} if seconds else {},
     )
-    T.keep_key(key, cfg.owner_dir, 1)
     passed, reasons = gate(metrics, cfg)
     kv = T.publish_key(
         registry,
@@ -83,9 +83,10 @@ def lock_flow(
         key_spec=cfg.key_spec().to_dict(),
         aliases=("candidate",),
         token=token,
+        owner_dir=cfg.owner_dir,
     )
     if passed:
-        kv = T.set_alias(registry, "production", 1)
+        kv = T.set_alias(registry, "production", kv.version, owner)
     else:
         log.warning("key v1 stays a candidate: %s", "; ".join(reasons))
     T.log_files(registry, kv.run_id, [T.write_temp(work, "config.json", cfg.to_json())])

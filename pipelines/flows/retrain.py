@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 
 from pipelines import tasks as T
 from pipelines.data_version import data_changed
-from pipelines.flows.common import open_registry, read_config, report, run_name
+from pipelines.flows.common import open_owner, open_registry, read_config, report, run_name
 from pipelines.flows.evaluate import evaluate_flow
 from pipelines.flows.update import update_flow
 
@@ -20,7 +20,11 @@ def retrain_flow(
     """Update the key only if the data changed; promote to ``production`` only if it passes."""
     log = get_run_logger()
     cfg = read_config(config_path, overrides)
-    registry = open_registry(cfg)
+    registry, owner = open_registry(cfg), open_owner(cfg)
+    # Scheduled: re-sign the timestamp first, so sites never see it expire while the owner
+    # runs (a frozen or stale registry is what an expired record tells them).
+    counter = T.sign_timestamp(registry, owner)
+    log.info("timestamp record re-signed (counter %d)", counter)
     current = T.resolve_data_version(cfg.dvc_file)
     latest = T.latest_key_version(registry)
     if latest is None:
@@ -44,7 +48,7 @@ def retrain_flow(
     checked = evaluate_flow(config_path, overrides, ref=str(version))
     promoted = bool(updated["passed"] and checked["passed"])
     if promoted:
-        T.set_alias(registry, "production", version)
+        T.set_alias(registry, "production", version, owner)
     else:
         log.warning(
             "key v%d not promoted: %s", version, "; ".join(updated["reasons"] + checked["reasons"])

@@ -17,9 +17,10 @@ from pipelines.flows.common import (
     require_sites,
     run_name,
 )
+from pipelines.scratch import HOOKS as SCRATCH_HOOKS
 
 
-@flow(name="update", flow_run_name=run_name("update"), log_prints=True)
+@flow(name="update", flow_run_name=run_name("update"), log_prints=True, **SCRATCH_HOOKS)
 def update_flow(
     config_path: str | None = None,
     overrides: dict | None = None,
@@ -64,7 +65,6 @@ def update_flow(
         metrics = TT.with_two_factor(metrics, TT.two_factor(base, new_key, stage.test, token))
     passed, reasons = gate(metrics, cfg)
 
-    T.keep_key(new_key, cfg.owner_dir, version)
     params = {**config_params(cfg), "data_version": data_version, "stage": stage.name}
     kv = T.publish_key(
         registry,
@@ -79,9 +79,11 @@ def update_flow(
         key_spec=cfg.key_spec().to_dict(),
         aliases=("candidate",),
         token=token,
+        owner_dir=cfg.owner_dir,
     )
+    version = kv.version  # MLflow's number: a concurrent publisher may have taken ours
     if passed and promote:
-        kv = T.set_alias(registry, "production", version)
+        kv = T.set_alias(registry, "production", version, owner)
     elif not passed:
         log.warning("key v%d stays a candidate: %s", version, "; ".join(reasons))
     T.log_files(registry, kv.run_id, [T.write_temp(work, "config.json", cfg.to_json())])

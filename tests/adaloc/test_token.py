@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import stat
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from adaloc.errors import TokenError
 from adaloc.formats import TOKEN_FORMAT_VERSION
 from adaloc.token import (
     CORNERS,
+    DEFAULT_BINARY_SIZE,
+    MIN_SECRET_BITS,
     PATTERNS,
     Token,
     forged_tensors,
@@ -224,3 +227,36 @@ def test_invalid_fields_rejected_on_construction():
         dataclasses.replace(tok, pixels=[[[2.0] * 3] * 3])
     with pytest.raises(TokenError, match="no pixel"):
         dataclasses.replace(tok, mask=[[0] * 3] * 3)
+
+
+def test_default_token_is_csprng_binary_with_at_least_128_bits():
+    a, b = Token.generate(), Token.generate()
+    assert a.pattern == "binary" and a.size == DEFAULT_BINARY_SIZE and a.seed is None
+    assert a.entropy_bits() >= MIN_SECRET_BITS and a != b  # 2^-144 chance of a false failure
+    # every cell is a fair coin: over 20 tokens (2880 cells) the share of 1s is ~0.5
+    ones = np.mean([np.asarray(Token.generate().pixels) for _ in range(20)])
+    assert 0.45 < ones < 0.55
+    assert Token.generate("patch4x4-rgb").entropy_bits() == 384
+    assert Token.generate("square3x3").entropy_bits() == 0
+    assert Token.generate("binary", 4, seed=1).entropy_bits() == pytest.approx(np.log2(2**16 - 2))
+
+
+def test_save_is_atomic_and_private_from_the_start(tmp_path):
+    tok = Token.generate()
+    path = tok.save(tmp_path / "owner" / "token.json")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert Token.load(path) == tok and list(path.parent.iterdir()) == [path]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"garbage\xff", b"[1, 2]", b'{"pattern": "binary"}', b'{"format_version": 1, '
+     b'"pattern": "binary", "size": 2, "placement": "top-left", "pixels": "ab", "mask": 3}'],
+)  # fmt: skip
+def test_load_bad_token_file_is_a_token_error(tmp_path, content):
+    (tmp_path / "token.json").write_bytes(content)
+    with pytest.raises(TokenError, match="token"):
+        Token.load(tmp_path / "token.json")
+    with pytest.raises(TokenError, match="not found"):
+        Token.load(tmp_path / "missing.json")

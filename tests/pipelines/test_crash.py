@@ -74,7 +74,7 @@ def test_update_killed_during_training_then_rerun(locked, prefect_server):
     )
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     assert [kv.version for kv in reg.history()] == [1, 2]
-    assert reg.verify(2)["ok"]
+    assert reg.verify(2, owner_public_pem=_owner_pub(locked))["ok"]
 
 
 def test_update_crashed_between_publish_steps_then_rerun(locked, monkeypatch):
@@ -99,5 +99,9 @@ def test_update_crashed_between_publish_steps_then_rerun(locked, monkeypatch):
     monkeypatch.setattr(KeyRegistry, "_mark_ready", real)
     update_flow(overrides=locked["ov"], progress=False)
     assert [kv.version for kv in reg.history()] == [1, 2]
-    assert reg.verify(2)["ok"]
+    assert reg.verify(2, owner_public_pem=_owner_pub(locked))["ok"]
     assert reg.resolve("candidate").version == 2
+
+
+def _owner_pub(locked) -> bytes:
+    return (Path(locked["ov"]["owner_dir"]) / "owner.pub").read_bytes()

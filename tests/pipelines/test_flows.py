@@ -33,16 +33,18 @@ def story(tmp_path_factory, prefect_server, mlflow_server, s3_endpoint):
         s3_endpoint=s3_endpoint.url,
     )
     site = make_owner_and_site(root, ov)
-    results, pulls = [], []
+    results, pulls, exported = [], [], []
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
         for flow in (lock_flow, update_flow, update_flow):
             results.append(flow(overrides=ov, progress=False))
             pulls.append(site.pull(results[-1]["version"]))
+            exported.append(site.export()["model_sha256"])
         evaluation = evaluate_flow(overrides=ov, ref="3")
     return {
         "ov": ov,
         "results": results,
         "pulls": pulls,
+        "exported": exported,
         "evaluation": evaluation,
         "tracking_uri": mlflow_server.tracking_uri,
     }
@@ -80,6 +82,7 @@ def test_gate_and_unauthorized_near_chance(story):
 def test_site_model_matches_owner_and_downloads_base_once(story):
     pulls, results = story["pulls"], story["results"]
     assert [p.model_sha256 for p in pulls] == [r["model_sha256"] for r in results]
+    assert story["exported"] == [r["model_sha256"] for r in results]  # base + key, re-hashed
     assert pulls[0].bytes_base > 0 and all(p.bytes_base == 0 for p in pulls[1:])
     base_bytes = results[0]["base_bytes"]
     # tiny 131k-parameter CNN: sealing overhead weighs more than on real models

@@ -38,14 +38,15 @@ def test_token_lock_flow_and_update_keep_both_factors(tmp_path, prefect_api):
             assert m[cell] <= chance + 0.1, (cell, m)
         assert m["authorized_acc"] == m["two_factor_key_and_token"]
         pulled = site.pull(r["version"])
-        assert pulled.model_sha256 == r["model_sha256"]
+        assert pulled.model_sha256 == r["model_sha256"]  # the owner-signed value
+        assert site.export()["model_sha256"] == r["model_sha256"]  # base + key really is it
     # the sealed version carries the token; its plain bytes never reach MLflow tags
     reg = KeyRegistry(ov["tracking_uri"], ov["name"])
     kv = reg.resolve(2)
     assert kv.token is True
     plain = token_path(ov["owner_dir"]).read_text()
     assert plain not in json.dumps(kv.to_dict())
-    assert (site.model_path.parent / "token.json").exists()
+    assert site.installed_set().token_path.name == "token.json"
     # the update moved only the key
     from adaloc.artifact import load_key
     from pipelines.tasks import owner_key_path

@@ -53,6 +53,8 @@ def _no_mlflow_progress_bars():
     """MLflow's per-download tqdm bars only clutter test output."""
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's telemetry thread edits os.environ while requests iterates it (KeyError races)
+    mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     yield
     mp.undo()
 
@@ -85,13 +87,27 @@ def plain_key_bytes(lm: LockedModel, version: int) -> bytes:
 
 def cli_app() -> typer.Typer:
     """The registry sub-apps mounted the way pipelines/cli.py mounts them."""
-    from pipelines.registry_cli import keys_app, registry_app, site_app
+    from pipelines.keys_cli import keys_app
+    from pipelines.registry_cli import registry_app, site_app
 
     app = typer.Typer()
     app.add_typer(registry_app, name="registry")
     app.add_typer(site_app, name="site")
     app.add_typer(keys_app, name="keys")
     return app
+
+
+def installed_bytes(site) -> dict[str, bytes]:
+    """Every byte of a site's installed set (+ where ``current`` points): equal = untouched."""
+    import os
+
+    link = site.directory / "current"
+    if not link.is_symlink():
+        return {}
+    out = {"current": os.readlink(link).encode()}
+    for p in sorted((site.directory / "current").iterdir()):
+        out[p.name] = p.read_bytes()
+    return out
 
 
 def run_cli(*args: str):

@@ -38,9 +38,10 @@ def world(mlflow_server, locked, tmp_path_factory):
 
 
 def _installed_sha(site: Site) -> str:
+    """sha256 of the full model the site can export (base + installed key)."""
     from safetensors.torch import load_file
 
-    return state_sha256(load_file(site.model_path))
+    return state_sha256(load_file(site.export()["path"]))
 
 
 def test_base_once_then_key_versions_bit_identical(world, locked, s3_endpoint):
@@ -53,15 +54,19 @@ def test_base_once_then_key_versions_bit_identical(world, locked, s3_endpoint):
     assert (first.version, first.previous, first.changed) == (1, None, True)
     assert first.bytes_base == bv.bytes > 0
     assert _installed_sha(site) == locked.model_sha256[1] == first.model_sha256
+    first_base_inode = site.installed_set().base_path.stat().st_ino
 
     for v in (2, 3):
         publish(reg, locked, owner, v, parent=v - 1, aliases=("candidate",))
-        reg.promote(v)
+        reg.promote(v, owner=owner)
         result = site.pull("production")
         assert (result.version, result.previous, result.bytes_base) == (v, v - 1, 0)
         assert 0 < result.bytes_key < bv.bytes
         assert _installed_sha(site) == locked.model_sha256[v]
-        assert site.installed()["model_file_sha256"] == sha256_file(site.model_path)
+        s = site.installed_set()
+        assert (s.version, s.model_sha256) == (v, locked.model_sha256[v])
+        assert s.base_path.stat().st_ino == first_base_inode  # base never rewritten
+        assert sha256_file(s.key_path) == s.state["key_sha256"]
         print(f"v{v}: key {result.bytes_key} B vs base {bv.bytes} B, {result.seconds}")
 
     assert site.pull("production").changed is False  # nothing to do, nothing downloaded
@@ -72,6 +77,7 @@ def test_base_once_then_key_versions_bit_identical(world, locked, s3_endpoint):
     names = [o["Key"] for o in objects]
     assert sum(n.endswith("/base.safetensors") for n in names) == 1
     assert sum(n.endswith("/key.sealed") for n in names) == 3
+    assert sum(n.endswith("/targets.json") for n in names) == 3
     stored = b"".join(
         s3_endpoint.client().get_object(Bucket=s3_endpoint.bucket, Key=n)["Body"].read()
         for n in names

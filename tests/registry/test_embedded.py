@@ -106,8 +106,13 @@ def test_cli_registry_and_keys_commands(world, locked):
     common = ("-m", NAME, "--root", root)
     rows = json.loads(run_cli("registry", "ls", *common, "--json").stdout)
     assert [r["version"] for r in rows] == [1, 2, 3]
-    res = run_cli("registry", "promote", "2", "--alias", "canary", *common, "--json")
+    res = run_cli("registry", "promote", "2", "--alias", "canary", *common)
+    assert res.exit_code == 1 and "owner-signed act" not in res.stderr  # default ./owner absent
+    res = run_cli("registry", "promote", "2", "--alias", "canary", *common,
+                  "--owner-dir", owner.directory, "--json")  # fmt: skip
     assert res.exit_code == 0 and "canary" in json.loads(res.stdout)["aliases"]
+    res = run_cli("registry", "verify", "canary", *common)
+    assert res.exit_code == 1 and "needs the owner's public key" in res.stderr
     res = run_cli("registry", "verify", "canary", *common,
                   "--owner-pub", owner.directory / "owner.pub", "--json")  # fmt: skip
     assert res.exit_code == 0 and json.loads(res.stdout)["ok"]
@@ -141,7 +146,8 @@ def test_token_is_sealed_next_to_the_key(world, locked):
     kv = reg.publish_key(key, owner=owner, token=token, aliases=("production",))
     assert kv.token and kv.recipients == ["lab2"]
     assert Site(site.directory).pull().version == 4
-    installed = site.model_path.parent / TOKEN_FILE
+    installed = Site(site.directory).installed_set().token_path
+    assert installed.name == TOKEN_FILE
     assert Token.from_bytes(installed.read_bytes()).fingerprint() == token.fingerprint()
     assert oct(installed.stat().st_mode & 0o777) == "0o600"
     stored = b"".join(p.read_bytes() for p in (root / "artifacts").rglob("*") if p.is_file())

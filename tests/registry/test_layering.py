@@ -9,7 +9,7 @@ import sys
 def test_registry_never_imports_prefect_or_pipelines():
     code = (
         "import sys, registry\n"
-        "import registry.site, registry.store, registry.sealing, registry.sites\n"
+        "import registry.site, registry.store, registry.sealing, registry.keyring\n"
         "import registry.local_servers\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'pipelines'))\n"
         "print(bad)"

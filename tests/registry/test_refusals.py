@@ -13,12 +13,11 @@ import shutil
 
 import pytest
 
-from adaloc.formats import sha256_file
 from registry.errors import BaseMismatchError
 from registry.site import Site
 from registry.sites import OwnerKeyring
 from registry.store import KeyRegistry
-from tests.registry.conftest import make_locked, publish, run_cli
+from tests.registry.conftest import installed_bytes, make_locked, publish, run_cli
 
 pytestmark = pytest.mark.slow
 NAME = "refuse"
@@ -40,15 +39,15 @@ def world(mlflow_server, locked, tmp_path_factory):
     publish(reg, locked, owner, 1, aliases=("production",))
     assert sites["gone"].pull().version == 1
     assert sites["good"].pull().version == 1
-    shutil.copytree(sites["good"].directory, root / "good-at-v1")
+    shutil.copytree(sites["good"].directory, root / "good-at-v1", symlinks=True)
     owner.revoke_site("gone")
     publish(reg, locked, owner, 2, parent=1, aliases=("production",))
     assert sites["good"].pull().version == 2
     return reg, owner, sites, root
 
 
-def _snapshot(site: Site) -> tuple:
-    return sha256_file(site.model_path), (site.directory / "state.json").read_bytes()
+def _snapshot(site: Site) -> dict:
+    return installed_bytes(site)
 
 
 def _refused(site: Site, *args: str, match: str) -> str:
@@ -81,19 +80,19 @@ def test_tampered_stored_key_is_refused(world, s3_endpoint, offset):
     s3.put_object(Bucket=s3_endpoint.bucket, Key=name, Body=bytes(bad))
     try:
         site = _fresh_site(world, "good-at-v1")
-        line = _refused(site, "2", match="does not match its published sha256")
+        line = _refused(site, "2", match="the signed one is")
         assert "tampered" in line
-        res = run_cli("registry", "verify", "2", "-m", NAME, "--tracking-uri", reg.tracking_uri)
+        pub = site.directory / "owner.pub"
+        res = run_cli("registry", "verify", "2", "-m", NAME, "--tracking-uri", reg.tracking_uri,
+                      "--owner-pub", pub)  # fmt: skip
         assert res.exit_code == 1 and "tampered" in res.stderr
-        # An attacker who can also rewrite the MLflow tags still fails the owner signature.
+        # An attacker who can also rewrite the MLflow tags changes nothing: sites read the
+        # sha256 from the owner-signed targets record, not from tags.
         forged = hashlib.sha256(bad).hexdigest()
         reg.client.set_model_version_tag(
             reg.key_name, str(kv.mlflow_version), "artifact_sha256", forged
         )
-        expected = (
-            "not a sealed adaloc key version" if 0 <= offset < 16 else "signature check failed"
-        )
-        _refused(site, "2", match=expected)
+        _refused(site, "2", match="tampered")
     finally:
         s3.put_object(Bucket=s3_endpoint.bucket, Key=name, Body=original)
         reg.client.set_model_version_tag(
@@ -107,7 +106,7 @@ def _fresh_site(world, name: str) -> Site:
     root = world[3]
     target = root / f"{name}-copy"
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(root / name, target)
+    shutil.copytree(root / name, target, symlinks=True)
     return Site(target)
 
 
@@ -149,4 +148,4 @@ def test_key_for_another_base_is_refused(world, tmp_path):
     kv = reg.resolve("other")
     reg.client.set_model_version_tag(reg.key_name, str(kv.mlflow_version), "base_sha256",
                                      sites["good"].installed()["base_sha256"])  # fmt: skip
-    _refused(site, "other", match="is signed for base")
+    _refused(site, "other", match="for base")

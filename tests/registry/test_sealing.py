@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from registry.errors import IntegrityError, NotAuthorizedError, RegistryError, SignatureError
+from registry.keyring import OwnerKeyring
 from registry.sealing import (
     MAGIC,
     generate_site_keys,
@@ -16,7 +20,6 @@ from registry.sealing import (
     read_header,
     verify_sealed,
 )
-from registry.sites import OwnerKeyring
 
 HEADER = {"key_version": 1, "parent": None, "base_sha256": "ab" * 32, "model_sha256": None}
 
@@ -122,3 +125,36 @@ def test_idempotency_key_is_deterministic_and_keyed(world, tmp_path):
     assert owner.idempotency_key("x", b"key") == owner.idempotency_key("x", b"key")
     assert owner.idempotency_key("x", b"key") != owner.idempotency_key("x", b"kez")
     assert owner.idempotency_key("x", b"key") != other.idempotency_key("x", b"key")
+
+
+def test_encrypted_owner_key_from_env_or_file(tmp_path, monkeypatch):
+    """`keys owner-init --passphrase-file`: owner.key is encrypted, 0600, and flows open it
+    from ADALOC_OWNER_PASSPHRASE(_FILE); without (or with a wrong) passphrase: one line."""
+    from tests.registry.conftest import run_cli
+
+    (tmp_path / "pass.txt").write_text("correct horse\n")
+    owner_dir = tmp_path / "owner"
+    res = run_cli("keys", "owner-init", "--owner-dir", owner_dir,
+                  "--passphrase-file", tmp_path / "pass.txt", "--json")  # fmt: skip
+    assert res.exit_code == 0 and json.loads(res.stdout)["encrypted"] is True, res.output
+    pem = (owner_dir / "owner.key").read_bytes()
+    assert pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert stat.S_IMODE(os.stat(owner_dir / "owner.key").st_mode) == 0o600
+    monkeypatch.delenv("ADALOC_OWNER_PASSPHRASE", raising=False)
+    monkeypatch.delenv("ADALOC_OWNER_PASSPHRASE_FILE", raising=False)
+    res = run_cli("keys", "owner-check", "--owner-dir", owner_dir)
+    assert res.exit_code == 1 and "is encrypted; set ADALOC_OWNER_PASSPHRASE" in res.stderr
+    monkeypatch.setenv("ADALOC_OWNER_PASSPHRASE", "wrong")
+    res = run_cli("keys", "owner-check", "--owner-dir", owner_dir)
+    assert res.exit_code == 1 and "wrong passphrase" in res.stderr
+    monkeypatch.delenv("ADALOC_OWNER_PASSPHRASE")
+    monkeypatch.setenv("ADALOC_OWNER_PASSPHRASE_FILE", str(tmp_path / "pass.txt"))
+    res = run_cli("keys", "owner-check", "--owner-dir", owner_dir, "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["encrypted"] is True, res.output
+    site = X25519PrivateKey.generate().public_key()
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    keyring = OwnerKeyring(owner_dir)
+    keyring.add_site("a", site.public_bytes(serialization.Encoding.PEM, spki))
+    blob = keyring.seal({"key": b"k" * 8}, HEADER)  # the flows' path: key from the env file
+    assert verify_sealed(blob, keyring.owner_public_pem).key_version == 1
+    assert OwnerKeyring(owner_dir, passphrase=b"correct horse").signing_key() is not None

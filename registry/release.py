@@ -1,0 +1,345 @@
+"""The owner's side of the signed records: root, targets per version, timestamp, promotion.
+
+Every write here needs the owner's Ed25519 signing key; a registry writer without it can
+only produce records that sites refuse. The owner re-derives the timestamp from what it
+signed before (the newest verified timestamp in the registry, and a local copy in its
+keyring folder, whichever has the higher counter) plus the ready versions whose targets it
+can verify: versions never drop out of the signed list, so hiding them in MLflow is useless.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from registry import records as R
+from registry import trust as T
+from registry import trust_io as IO
+from registry.errors import NotFoundError, RegistryError, TrustError
+from registry.fsutil import atomic_write_bytes, read_json
+from registry.sealing import OWNER_PRIVATE_FILE, key_fingerprint, load_private_key
+
+LOCAL_TIMESTAMP = "timestamp.json"  # owner's own copy, beside owner.key
+PUBLISH_ROUNDS = 5  # re-sign rounds when concurrent publishers race on the timestamp
+
+
+def signing_key(owner):
+    """The owner's Ed25519 private key (the keyring's own loader when it has one)."""
+    getter = getattr(owner, "signing_key", None)
+    if callable(getter):
+        return getter()
+    return load_private_key(Path(owner.directory) / OWNER_PRIVATE_FILE)
+
+
+def _upload(reg, run_id: str, folder: str, name: str, data: bytes) -> None:
+    with tempfile.TemporaryDirectory(prefix="adaloc-rec-") as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        reg.client.log_artifact(run_id, str(path), folder)
+
+
+def trust_run(reg) -> str:
+    """The owner's trust run (the oldest one holding a root it can verify), created if none."""
+    for run in IO.trust_runs(reg):
+        if IO.root_file(1) in IO._listed(reg, run.info.run_id):
+            return run.info.run_id
+    run = reg.client.create_run(
+        reg._experiment(), run_name="trust", tags={R.KIND: IO.TRUST_KIND, R.STATUS: R.READY}
+    )
+    return run.info.run_id
+
+
+def current_root(reg, owner) -> tuple[T.RootSigned, str]:
+    """The newest root the owner's key chain accepts; root v1 is created on first use.
+
+    Cached on the registry object per owner key (only :func:`rotate_root` changes it).
+    """
+    cache = reg.__dict__.setdefault("_roots", {})
+    fp = key_fingerprint(owner.owner_public_pem)
+    if fp not in cache:
+        cache[fp] = _current_root(reg, owner)
+    return cache[fp]
+
+
+def _current_root(reg, owner) -> tuple[T.RootSigned, str]:
+    key = signing_key(owner)
+    anchor = T.anchor_root(reg.model_name, owner.owner_public_pem)
+    run_id = trust_run(reg)
+    if IO.root_file(1) not in IO._listed(reg, run_id):
+        env = T.sign(T.make_root(reg.model_name, [key]), [key])
+        _upload(reg, run_id, IO.TRUST_DIR, "root-1.json", T.canonical(env))
+    root = IO.walk_roots(reg, run_id, anchor) if _anchor_is_v1_signer(reg, run_id, key) else None
+    if root is None:
+        # owner.pub is not root v1's signer: the keyring was rotated; walk from any key we hold.
+        root = _walk_from_rotated(reg, run_id, key)
+    if key_fingerprint(owner.owner_public_pem) not in root.keys:
+        raise TrustError(
+            f"owner key {key_fingerprint(owner.owner_public_pem)} is not in root "
+            f"v{root.version} of {reg.model_name!r} (keys {sorted(root.keys)}); it was rotated out"
+        )
+    return root, run_id
+
+
+def _anchor_is_v1_signer(reg, run_id: str, key) -> bool:
+    data = IO.read_artifact(reg, run_id, IO.root_file(1), max_bytes=T.MAX_ROOT_BYTES)
+    env = T.parse(data, "root", "root record v1")
+    return any(s.get("keyid") == key_fingerprint(_pem(key)) for s in env["signatures"])
+
+
+def _walk_from_rotated(reg, run_id: str, key):
+    # The chain is public and self-verifying from v1; the owner checks that v1 verifies under
+    # its own signature set, then that its current key is named at the end.
+    data = IO.read_artifact(reg, run_id, IO.root_file(1), max_bytes=T.MAX_ROOT_BYTES)
+    env = T.parse(data, "root", "root record v1")
+    v1 = T.verify(env, "root", env["signed"].get("keys", {}), 1, "root record v1")
+    return IO.walk_roots(reg, run_id, v1)
+
+
+def _pem(key) -> bytes:
+    from registry.sealing import public_pem_of
+
+    return public_pem_of(key)
+
+
+def _previous(reg, owner, root: T.RootSigned):
+    """The newest timestamp the owner signed: registry's or its local copy (higher counter)."""
+    best = None
+    try:
+        env, ts, _, _ = IO.newest_timestamp(reg, root)
+        best = (env, ts)
+    except (NotFoundError, TrustError):
+        best = None  # absent, expired or forged in the registry: fall back to the local copy
+    local = read_json(Path(owner.directory) / LOCAL_TIMESTAMP)
+    if local is not None:
+        try:
+            ts = T.verify(local, "timestamp", T.root_keys(root), 1, "owner's local timestamp")
+            if ts.model == reg.model_name and (best is None or ts.counter > best[1].counter):
+                best = (local, ts)
+        except TrustError:
+            pass  # from another model or an older root: ignore
+    return best
+
+
+def publish_targets(reg, owner, *, run_id: str, signed: dict) -> dict:
+    """Sign a targets record, store it as ``key/targets.json`` of ``run_id``; return entry."""
+    env = T.sign(signed, [signing_key(owner)])
+    data = T.canonical(env)
+    _upload(reg, run_id, R.KEY_DIR, IO.TARGETS_FILE, data)
+    got = IO.read_artifact(reg, run_id, f"{R.KEY_DIR}/{IO.TARGETS_FILE}", max_bytes=len(data))
+    if got != data:
+        raise RegistryError(f"stored targets record of run {run_id} differs from what was sent")
+    return {"run_id": run_id, "length": len(data), "sha256": _sha(data)}
+
+
+def _sha(data: bytes) -> str:
+    from adaloc.formats import sha256_bytes
+
+    return sha256_bytes(data)
+
+
+def _ready_targets(reg, root: T.RootSigned, known: dict) -> dict:
+    """Targets entries of ready key versions not yet in ``known`` that the owner signed."""
+    found = {}
+    for kv in reg.history(with_aliases=False):
+        if str(kv.version) in known or str(kv.version) in found:
+            continue
+        try:
+            data = IO.read_artifact(
+                reg, kv.run_id, f"{R.KEY_DIR}/{IO.TARGETS_FILE}", max_bytes=1 << 20
+            )
+            what = f"targets record of key version {kv.version}"
+            tg = T.verify(T.parse(data, "targets", what), "targets", T.root_keys(root), 1, what)
+        except (RegistryError, Exception):  # noqa: BLE001 - unsigned/forged versions are skipped
+            continue
+        if tg.model == reg.model_name and tg.key_version == kv.version:
+            found[str(kv.version)] = {
+                "run_id": kv.run_id,
+                "length": len(data),
+                "sha256": _sha(data),
+            }
+    return found
+
+
+def sign_timestamp(
+    reg,
+    owner,
+    *,
+    promotion: dict | None = None,
+    aliases: dict[str, int] | None = None,
+    expires: timedelta = T.DEFAULT_TIMESTAMP_EXPIRY,
+    extra_versions: dict | None = None,
+    carry: T.TimestampSigned | None = None,
+) -> T.TimestampSigned:
+    """Sign and store a new timestamp: previous versions + new ready ones, counter + 1.
+
+    ``carry`` (after a root rotation) is the last timestamp signed under the old root: its
+    counter, aliases and promotion carry over when no timestamp verifies under the new one.
+    """
+    root, run_id = current_root(reg, owner)
+    for _ in range(PUBLISH_ROUNDS):
+        prev = _previous(reg, owner, root)
+        if prev is None and carry is not None:
+            prev = (None, carry)
+        versions = {k: v.model_dump() for k, v in (prev[1].versions if prev else {}).items()}
+        versions.update(extra_versions or {})
+        versions.update(_ready_targets(reg, root, versions))
+        counter = max((prev[1].counter + 1) if prev else 1, int(time.time()))
+        signed = {
+            "_type": "timestamp",
+            "spec": T.SPEC_VERSION,
+            "model": reg.model_name,
+            "counter": counter,
+            "expires": T.iso(T.now() + expires),
+            "root_version": root.version,
+            "versions": versions,
+            "aliases": {**(prev[1].aliases if prev else {}), **(aliases or {})},
+            "promotion": promotion
+            if promotion is not None
+            else (prev[1].promotion if prev else None),
+        }
+        env = T.sign(signed, [signing_key(owner)])
+        data = T.canonical(env)
+        _upload(reg, run_id, IO.TRUST_DIR, IO.TIMESTAMP_FILE, data)
+        atomic_write_bytes(Path(owner.directory) / LOCAL_TIMESTAMP, data)
+        # A concurrent publisher may have overwritten ours with a list lacking our versions:
+        # read back, and sign again until the stored record holds everything we know of.
+        back = IO.read_artifact(
+            reg, run_id, f"{IO.TRUST_DIR}/{IO.TIMESTAMP_FILE}", max_bytes=T.MAX_TIMESTAMP_BYTES
+        )
+        stored = T.verify(
+            T.parse(back, "timestamp", "timestamp record"),
+            "timestamp",
+            T.root_keys(root),
+            root.threshold,
+            "timestamp record",
+        )
+        if set(versions) <= set(stored.versions):
+            return stored
+    raise RegistryError(
+        f"timestamp of {reg.model_name!r} kept losing versions to concurrent writers after "
+        f"{PUBLISH_ROUNDS} rounds; run `adaloc registry sign-timestamp` again"
+    )
+
+
+def promote(
+    reg,
+    owner,
+    version: int,
+    *,
+    co_signers=(),
+    gate_override: bool = False,
+    expires: timedelta = T.DEFAULT_TIMESTAMP_EXPIRY,
+    aliases: dict | None = None,
+    extra_versions: dict | None = None,
+) -> T.TimestampSigned:
+    """Sign "production = key version ``version``" (with co-signers when the root asks for 2).
+
+    The promotion goes into the next timestamp together with ``extra_versions`` and
+    ``aliases`` (publish + promote is one signed step).
+    """
+    root, _ = current_root(reg, owner)
+    entry = (extra_versions or {}).get(str(version))
+    if entry is None:
+        prev = _previous(reg, owner, root)
+        listed = {k: v.model_dump() for k, v in (prev[1].versions if prev else {}).items()}
+        entry = listed.get(str(version)) or _ready_targets(reg, root, listed).get(str(version))
+    if entry is None:
+        raise NotFoundError(
+            f"key version {version} of {reg.model_name!r} has no owner-signed targets record; "
+            "only published versions can be promoted"
+        )
+    what = f"targets record of key version {version}"
+    data = IO.read_artifact(
+        reg,
+        entry["run_id"],
+        f"{R.KEY_DIR}/{IO.TARGETS_FILE}",
+        max_bytes=entry["length"],
+        sha256=entry["sha256"],
+        length=entry["length"],
+        label=what,
+    )
+    tg = T.verify(T.parse(data, "targets", what), "targets", T.root_keys(root), 1, what)
+    if not tg.gate.passed and not gate_override:
+        raise TrustError(
+            f"key version {version} failed the quality gate (signed verdict); pass "
+            "--override-gate to promote it anyway (recorded in the signed promotion)"
+        )
+    signed = {
+        "_type": "promotion",
+        "spec": T.SPEC_VERSION,
+        "model": reg.model_name,
+        "alias": "production",
+        "key_version": version,
+        "gate_override": bool(gate_override and not tg.gate.passed),
+        "issued": T.iso(T.now()),
+    }
+    keys = [signing_key(owner), *(signing_key(c) for c in co_signers)]
+    env = T.sign(signed, keys)
+    T.verify(env, "promotion", T.root_keys(root), root.promote_threshold, "promotion")
+    return sign_timestamp(
+        reg,
+        owner,
+        promotion=env,
+        expires=expires,
+        aliases=aliases,
+        extra_versions={**(extra_versions or {}), str(version): entry},
+    )
+
+
+def rotate_root(
+    reg,
+    old_owner,
+    new_owner,
+    *,
+    add_public: list[bytes] = (),
+    promote_threshold: int = 1,
+    revoke_old: bool = False,
+) -> T.RootSigned:
+    """Root v(N+1) naming ``new_owner``'s key (+ extras), signed by the old and the new key.
+
+    ``revoke_old`` drops the old key entirely (sealed blobs it signed are refused from then
+    on); otherwise it is retired: it signs no record, its old sealed blobs stay readable.
+    Targets and the timestamp are re-signed with the new key.
+    """
+    root, run_id = current_root(reg, old_owner)
+    old_key, new_key = signing_key(old_owner), signing_key(new_owner)
+    retired = dict(root.retired)
+    if not revoke_old:
+        retired.update(root.keys)
+    signed = T.make_root(
+        reg.model_name,
+        [new_key],
+        version=root.version + 1,
+        extra_public=list(add_public),
+        promote_threshold=promote_threshold,
+        retired=retired,
+    )
+    env = T.sign(signed, [old_key, new_key])
+    new_root = T.next_root(root, env, f"root record v{root.version + 1}")
+    reg.__dict__.pop("_roots", None)  # the cached chain ends one root too early now
+    prev = _previous(reg, old_owner, root)
+    _upload(reg, run_id, IO.TRUST_DIR, f"root-{new_root.version}.json", T.canonical(env))
+    versions, carry, promotion = {}, None, None
+    if prev:
+        carry = prev[1]
+        for v, entry in prev[1].versions.items():
+            tg_env = _targets_env(reg, prev[1], root, int(v))
+            versions[v] = publish_targets(
+                reg, new_owner, run_id=entry.run_id, signed=tg_env["signed"]
+            )
+        if prev[1].promotion is not None:
+            # Re-issued under the new key; a 2-key promotion must be co-signed again (promote).
+            promotion = T.sign(prev[1].promotion["signed"], [new_key])
+    sign_timestamp(reg, new_owner, extra_versions=versions, carry=carry, promotion=promotion)
+    return new_root
+
+
+def _targets_env(reg, ts, root, version: int) -> dict:
+    IO.read_targets(reg, ts, root, version)  # verified before it is re-signed
+    entry = ts.versions[str(version)]
+    data = IO.read_artifact(
+        reg, entry.run_id, f"{R.KEY_DIR}/{IO.TARGETS_FILE}", max_bytes=entry.length
+    )
+    return T.parse(data, "targets", f"targets record of key version {version}")
