@@ -75,6 +75,9 @@ def _probes(reg_uri: str, name: str, site_dir: Path, version: int, sha: str):
         site.model_path.unlink(missing_ok=True)  # force a full install of the same version
         r = site.pull("production")
         assert r.version == version and r.model_sha256 == sha, "site model differs"
+        # Deleting the model forced a full install on the pre-signed-records site layout;
+        # on a layout where it does not, fail rather than time a no-op pull.
+        assert r.changed, "the pull installed nothing: this site layout needs another way"
 
     return resolve, pull
 
