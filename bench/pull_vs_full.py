@@ -1,19 +1,23 @@
-"""Issue 4, point 2: a key-version update vs a full model download, from the same server.
+"""Issues 4 and 16: a key-version update vs a full model download, from the same server.
 
 For each model (ResNet-18-sized and the small default CNN; random weights: bytes and time are
 what count) the owner locks it, publishes the base once and key versions 1..N+1, and also
 logs the full authorized model as a run artifact. Then, from the same MLflow server (+ S3):
 
-- key update: ``Site.pull("production")`` = resolve alias + download sealed key + verify
-  signature + decrypt + apply the key + check the owner's sha256 + atomic model.safetensors.
-  "cold" uses a fresh Site object each time (base read from the site's disk cache), "warm"
-  keeps it in memory.
+- key update, ready to serve: ``Site.pull("production")`` (signed records, sealed key
+  download, signature, decrypt, install of the small key file) and then the module the
+  model answers with: "cold" = a fresh Site and ``registry.loader.load_model`` (base read
+  from the site's disk cache), "warm" = a long-lived site and ``registry.loader.swap_key``
+  (base in memory, only the keyed tensors written; what ``adaloc serve`` does).
 - full model: resolve alias + download model.safetensors + build network + load_state_dict.
 
 Both are measured over each link in ``--links``: plain loopback, and links of a given rate and
 round-trip time emulated by a pacing TCP proxy in front of the server (both directions paced,
 shared by all connections, like one access link), because loopback moves 45 MB in a fraction
-of a second and no deployment site sits on the server's loopback.
+of a second and no deployment site sits on the server's loopback. The physical bound of the
+speed-up is the byte ratio (full bytes / update bytes), reported beside it. Last, a real
+``adaloc serve`` on the site hot-swaps ``--serve-swaps`` versions: swap seconds (keyed
+tensors built and switched in) and the server's peak extra resident memory.
 
     python bench/pull_vs_full.py --out runs/bench/pull_vs_full.json
     python bench/pull_vs_full.py --models cnn --tracking-uri http://127.0.0.1:5000
@@ -59,6 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="links between site and server: loopback (no proxy) or MBIT[:RTT_MS], emulated "
         "by a pacing TCP proxy on 127.0.0.1 (registry.local_servers.shaped_link)",
     )
+    p.add_argument("--serve-swaps", type=int, default=3,
+                   help="hot swaps timed inside a running `adaloc serve` (0 = skip)")  # fmt: skip
     p.add_argument("--out", default="runs/bench/pull_vs_full.json")
     return p
 
@@ -83,7 +89,7 @@ def _owner_side(name: str, reg, owner, work: Path, budget: float, versions: int)
             key = Key(key.mask, values, key.base_sha256, version=v, parent=v - 1)
         shas[v] = state_sha256(unlock(base, key))
         reg.publish_key(key, owner=owner, model_sha256=shas[v], key_spec=spec.to_dict(),
-                        metrics={"bench": 1.0})  # fmt: skip
+                        metrics={"bench": 1.0}, gate=True)  # fmt: skip
     full = unlock(base, key)
     save_file({k: v.contiguous() for k, v in full.state_dict().items()}, work / "model.safetensors")
     # The baseline: the full authorized model as a registered model with an alias, so both
@@ -170,8 +176,21 @@ def _full_download(name: str, full_name: str, tracking_uri: str) -> tuple[float,
         return seconds, os.path.getsize(path), state_sha256(model)
 
 
+def _ready_sha(served) -> str:
+    """sha256 of the state a served module answers with (checked untimed)."""
+    return state_sha256(served.model.state_dict())
+
+
 def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
-    """Key pulls (cold and warm) vs full downloads for one model, over each link."""
+    """Key updates (cold and warm) vs full downloads for one model, over each link.
+
+    An update is ready to serve when it ends: cold = a fresh ``Site`` pulls, then
+    ``registry.loader.load_model`` builds the module from the cached base + the new key (a
+    process that starts after the pull); warm = a long-lived site pulls, then
+    ``registry.loader.swap_key`` writes the keyed tensors around the base already in memory
+    (what ``adaloc serve`` does).
+    """
+    from registry.loader import load_model, swap_key
     from registry.site import Site
     from registry.sites import OwnerKeyring
     from registry.store import KeyRegistry
@@ -190,8 +209,11 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
     )
     owner.add_site("bench", site.public_key_pem)
     n, links = args.repeats, parse_links(args.links)
-    info = _owner_side(name, reg, owner, work, args.budget, 1 + (2 * n + 1) * len(links))
-    first = site.pull(1)  # downloads and caches the base: once per site, not per update
+    versions = 1 + (2 * n + 1) * len(links) + args.serve_swaps
+    info = _owner_side(name, reg, owner, work, args.budget, versions)
+    reg.promote(1, owner=owner)
+    first = site.pull("production")  # downloads and caches the base: once per site
+    served = load_model(site, device="cpu")
     rows, version = [], 2
     for link in links:
         with _through(link, servers) as (url, received):
@@ -199,18 +221,28 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
             # Untimed warm-up: the server's first presigned URL, connection set-up, imports.
             reg.promote(version, owner=owner)
             site.pull("production")
+            served = swap_key(served, site)
             version += 1
-            cold, warm, wire_key, phases = [], [], [], {}
+            cold, warm, wire_key, phases, apply_s = [], [], [], {}, {"cold": [], "warm": []}
             for mode in ("cold", "warm"):
                 for _ in range(n):
-                    reg.promote(version, owner=owner)  # owner (signed), untimed; sites pull it
+                    reg.promote(version, owner=owner)  # owner action, untimed
                     before = received() if received else 0
-                    # cold: a fresh Site per pull (like a CLI call: base read from the disk
-                    # cache); warm: a long-lived site whose base is already in memory.
-                    r = (Site(site_dir) if mode == "cold" else site).pull("production")
-                    assert r.model_sha256 == info["shas"][version], "site model differs"
-                    (cold if mode == "cold" else warm).append(r.seconds["total"])
+                    t = time.perf_counter()
+                    if mode == "cold":  # like a CLI pull, then a process that loads it
+                        r = Site(site_dir).pull("production")
+                        t_apply = time.perf_counter()
+                        ready = load_model(site_dir, device="cpu", verify=False)
+                    else:  # a running server: base in memory, keyed tensors swapped in
+                        r = site.pull("production")
+                        t_apply = time.perf_counter()
+                        ready = served = swap_key(served, site)
+                    done = time.perf_counter()
+                    (cold if mode == "cold" else warm).append(done - t)
+                    apply_s[mode].append(done - t_apply)
                     wire_key.append(received() - before if received else None)
+                    assert ready.version == version, (ready.version, version)
+                    assert _ready_sha(ready) == info["shas"][version], "served model differs"
                     if mode == "cold":
                         phases = r.seconds
                     key_bytes = r.bytes_key + r.bytes_base
@@ -233,11 +265,14 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
                 "update_bytes": key_bytes,
                 "full_bytes": full_bytes,
                 "update_bytes_pct_of_full": 100 * key_bytes / full_bytes,
+                "byte_ratio_bound": full_bytes / key_bytes,
                 # Everything that crossed the link (HTTP + REST calls), when shaped.
                 "update_wire_bytes": None if wire_key[0] is None else max(wire_key),
                 "full_wire_bytes": None if wire_full[0] is None else max(wire_full),
                 "pull_cold_s": cold_s,
                 "pull_warm_s": warm_s,
+                "apply_cold_s": statistics.median(apply_s["cold"]),
+                "apply_warm_s": statistics.median(apply_s["warm"]),
                 "full_download_load_s": full_s,
                 "speedup_cold": full_s / cold_s,
                 "speedup_warm": full_s / warm_s,
@@ -247,20 +282,83 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
         )
         print(
             f"{name} over {link['name']}: cold {cold_s:.3f} s, warm {warm_s:.3f} s, "
-            f"full {full_s:.3f} s -> {full_s / cold_s:.1f}x / {full_s / warm_s:.1f}x"
+            f"full {full_s:.3f} s -> {full_s / cold_s:.1f}x / {full_s / warm_s:.1f}x "
+            f"(bytes {full_bytes / key_bytes:.1f}x)",
+            flush=True,
         )
+    if args.serve_swaps:
+        site.set_tracking_uri(servers.direct)
+        rows[-1]["server_swap"] = serve_swap(reg, owner, site_dir, version, args.serve_swaps)
     return rows
+
+
+def serve_swap(reg, owner, site_dir: Path, version: int, swaps: int) -> dict:
+    """Inside a running `adaloc serve`: seconds of each hot swap (keyed tensors built and
+    switched in, after the pull) and the server's peak extra resident memory during it."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import httpx
+    import psutil
+
+    from registry.local_servers import free_port, wait_http_ok
+
+    port = free_port()
+    adaloc = str(Path(sys.executable).with_name("adaloc"))
+    cmd = [adaloc, "serve", "--dir", str(site_dir), "--port", str(port), "--poll", "0"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    url, out = f"http://127.0.0.1:{port}", []
+    try:
+        wait_http_ok(f"{url}/healthz", timeout_s=300, proc=proc)
+        ps = psutil.Process(proc.pid)
+        for v in range(version, version + swaps):
+            reg.promote(v, owner=owner)
+            rss0, peak, stop = ps.memory_info().rss, [0], threading.Event()
+
+            def sample(peak=peak, stop=stop):
+                while not stop.is_set():
+                    peak[0] = max(peak[0], ps.memory_info().rss)
+                    time.sleep(0.002)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            t = time.perf_counter()
+            r = httpx.post(f"{url}/admin/pull", timeout=300)
+            wall = time.perf_counter() - t
+            stop.set()
+            sampler.join()
+            assert r.status_code == 200 and r.json()["key_version"] == v, r.text
+            swap = httpx.get(f"{url}/version", timeout=30).json()["last_swap"]
+            out.append({"version": v, "swap_s": swap["seconds"], "pull_s": swap["pull_seconds"],
+                        "admin_pull_wall_s": wall, "keyed_bytes": swap["keyed_bytes"],
+                        "rss_before": rss0, "rss_peak_extra": max(peak[0], rss0) - rss0,
+                        "rss_after_extra": ps.memory_info().rss - rss0})  # fmt: skip
+            print(f"server swap to v{v}: swap {swap['seconds'] * 1e3:.1f} ms, pull "
+                  f"{swap['pull_seconds'] * 1e3:.0f} ms, keyed tensors {swap['keyed_bytes']:,} B, "
+                  f"peak extra RSS {out[-1]['rss_peak_extra']:,} B", flush=True)  # fmt: skip
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    med = statistics.median
+    return {"swaps": out, "swap_s_median": med(o["swap_s"] for o in out),
+            "pull_s_median": med(o["pull_s"] for o in out),
+            "keyed_bytes": out[-1]["keyed_bytes"],
+            "rss_peak_extra_median": med(o["rss_peak_extra"] for o in out)}  # fmt: skip
 
 
 def _print_table(rows: list[dict]) -> None:
     head = ["model", "link", "update B", "full B", "update %", "pull cold s", "pull warm s",
-            "full s", "x cold", "x warm"]  # fmt: skip
+            "full s", "x cold", "x warm", "x bytes"]  # fmt: skip
     print(" | ".join(f"{h:>11}" for h in head))
     for r in rows:
         cells = [r["model"], r["link"]["name"], r["update_bytes"], r["full_bytes"],
                  f"{r['update_bytes_pct_of_full']:.2f}", f"{r['pull_cold_s']:.3f}",
                  f"{r['pull_warm_s']:.3f}", f"{r['full_download_load_s']:.3f}",
-                 f"{r['speedup_cold']:.1f}", f"{r['speedup_warm']:.1f}"]  # fmt: skip
+                 f"{r['speedup_cold']:.1f}", f"{r['speedup_warm']:.1f}",
+                 f"{r['byte_ratio_bound']:.1f}"]  # fmt: skip
         print(" | ".join(f"{c:>11}" for c in cells))
 
 
@@ -269,6 +367,7 @@ def main(args) -> dict:
     from registry.local_servers import mlflow_server, moto_s3, shaped_link
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    torch.set_num_threads(1)  # a shared machine: ratios side by side, not peak throughput
     links = parse_links(args.links)
     with contextlib.ExitStack() as stack:
         work = Path(args.workdir or stack.enter_context(tempfile.TemporaryDirectory()))

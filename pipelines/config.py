@@ -1,7 +1,9 @@
 """One validated pipeline config: a file (TOML, YAML or JSON) plus ``key=value`` overrides.
 
-Every flow takes a :class:`PipelineConfig`, prints it and logs it (as ``config.json``) with
-its MLflow run, so a key version always carries the settings that made it.
+Every flow takes a :class:`PipelineConfig` (a pydantic model, so Prefect validates it as a
+flow parameter), prints it and logs it (as ``config.json``) with its MLflow run, so a key
+version always carries the settings that made it. ``adaloc config --help-fields`` lists the
+fields. Adding a field is one line: ``name: type = Field(default, description="...")``.
 """
 
 from __future__ import annotations
@@ -9,101 +11,158 @@ from __future__ import annotations
 import json
 import tomllib
 import warnings
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adaloc.errors import ConfigError
 
 CONFIG_FORMAT_VERSION = 1
-DEVICES = ("auto", "cpu", "cuda")
-OPTIMIZERS = ("sgd", "adamw", "adam")
-_ESSENTIAL = ("name", "dataset", "model")
+# The Literal choices mirror adaloc's tuples (models.MODEL_NAMES, token.PATTERNS without
+# "image", tokenlock.STRATEGIES); tests/pipelines/test_config.py checks they agree.
+ModelName = Literal["cnn", "mlp", "resnet18", "densenet121", "convnext_tiny"]
+Optimizer = Literal["sgd", "adamw", "adam"]
+TokenPattern = Literal[
+    "", "pixel", "dots3x3-diagonal", "dots3x3-die5", "square3x3", "patch4x4-rgb", "binary"
+]
+TokenStrategy = Literal[
+    "single_target", "random_target", "uniform_distribution", "next_class", "uniform_except_true"
+]
+DATASET_PATTERN = r"^(fashion-mnist|digits|cifar100|flowers102|caltech256|imagefolder:.+)$"
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 
-def _help(text: str, default: Any) -> Any:
-    """A dataclass field with help text (shown by ``adaloc config --help-fields``)."""
-    if isinstance(default, dict | list):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+def describe(err: ValidationError, what: str = "config") -> str:
+    """A pydantic error as one line naming each bad field and the value it got."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+        parts.append(f"{what} field {loc!r}: {msg}{got}")
+    return "; ".join(parts)
 
 
-@dataclass
-class PipelineConfig:
+class VersionedConfig(BaseModel):
+    """The rule for every saved config, written once: it carries ``format_version``; unknown
+    keys (from newer versions) warn and are dropped; bad values raise ConfigError naming
+    the field."""
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+    FORMAT_VERSION: ClassVar[int] = CONFIG_FORMAT_VERSION
+
+    format_version: int = Field(CONFIG_FORMAT_VERSION, ge=1, description="config format version")
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise ConfigError(describe(err)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_keys_warn(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            extra = sorted(set(data) - set(cls.model_fields))
+            if extra:
+                warnings.warn(f"ignoring unknown config fields {extra}", stacklevel=2)
+            version = data.get("format_version", cls.FORMAT_VERSION)
+            if isinstance(version, int) and version > cls.FORMAT_VERSION:
+                warnings.warn(
+                    f"config format_version {version} is newer than {cls.FORMAT_VERSION}; "
+                    "unknown fields are ignored",
+                    stacklevel=2,
+                )
+        return data
+
+    def to_dict(self) -> dict:
+        """Plain dict, JSON-ready, with the format version."""
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        """Indented JSON text (what is logged with each run)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def to_toml(self) -> str:
+        """TOML text that :func:`load_config` reads back to an equal config."""
+        import tomlkit
+
+        return tomlkit.dumps(self.to_dict())
+
+
+class PipelineConfig(VersionedConfig):
     """Settings shared by the lock, update, evaluate and retrain flows (and the demo)."""
 
-    name: str = _help("registered model prefix: <name>-base and <name>-key", "adaloc-fmnist")
-    dataset: str = _help(
-        "fashion-mnist | digits | cifar100 | ... | imagefolder:PATH", "fashion-mnist"
+    name: str = Field(
+        "adaloc-fashion-mnist",
+        min_length=1,
+        description="registered model prefix: <name>-base and <name>-key",
     )
-    data_root: str = _help("directory the dataset is read from (tracked by DVC)", "data")
-    dvc_file: str = _help("DVC file whose md5 is the data version", "data.dvc")
-    model: str = _help("model builder: cnn | mlp | resnet18 | densenet121 | convnext_tiny", "cnn")
-    key: dict = _help("KeySpec fields (budget, selection, granularity, seed, ...)", {})
-    epochs: int = _help("epochs of base training in the lock flow", 2)
-    key_epochs: int = _help("epochs of key-only training per key version", 2)
-    batch_size: int = _help("training batch size", 128)
-    optimizer: str = _help("sgd | adamw | adam", "sgd")
-    lr: float = _help("learning rate (0 = the training module's default)", 0.0)
-    updates: int = _help("number of update stages the data is split into", 2)
-    train_limit: int = _help("cap on training images per stage (0 = all)", 0)
-    test_limit: int = _help("cap on test images used for evaluation (0 = all)", 0)
-    seed: int = _help("seed for data stages, training and key fill", 0)
-    device: str = _help("auto | cpu | cuda | cuda:N", "auto")
-    authorized_threshold: float = _help("gate: authorized accuracy >= this (0..1)", 0.70)
-    unauthorized_margin: float = _help("gate: unauthorized accuracy <= chance + this", 0.02)
-    tracking_uri: str = _help("MLflow tracking URI (sqlite:///..., http://...)", "")
-    artifact_location: str = _help("artifact root for a new experiment (dir or s3://)", "")
-    s3_endpoint: str = _help("S3 endpoint URL for artifacts and the DVC s3 remote", "")
-    owner_dir: str = _help("owner signing key pair directory", "")
-    token: str = _help("M-LOCK token pattern for a two-factor lock (e.g. binary); empty = off", "")
-    token_size: int = _help(
-        "token side in pixels; 0 = the pattern's default (binary: 12x12 = 144 random bits)", 0
+    dataset: str = Field(
+        "fashion-mnist",
+        pattern=DATASET_PATTERN,
+        description="fashion-mnist | digits | cifar100 | flowers102 | caltech256 | "
+        "imagefolder:PATH",
     )
-    token_strategy: str = _help("M-LOCK label strategy for unstamped inputs", "single_target")
-    token_decoys: float = _help("share of unstamped samples carrying a decoy token", 0.5)
-    format_version: int = _help("config format version", CONFIG_FORMAT_VERSION)
+    data_root: str = Field("data", description="directory the dataset is read from (DVC)")
+    dvc_file: str = Field("data.dvc", description="DVC file whose md5 is the data version")
+    model: ModelName = Field("cnn", description="model builder")
+    key: dict = Field(
+        default_factory=dict,
+        description="KeySpec fields (budget, selection, granularity, seed, ...)",
+    )
+    epochs: int = Field(2, ge=1, description="epochs of base training in the lock flow")
+    key_epochs: int = Field(2, ge=1, description="epochs of key-only training per key version")
+    batch_size: int = Field(128, ge=1, description="training batch size")
+    optimizer: Optimizer = Field("sgd", description="optimizer of base and key-only training")
+    lr: float = Field(
+        0.0,
+        ge=0.0,
+        description="learning rate; 0 = the flows' defaults: 0.01 for key-only updates "
+        "(pipelines.tasks.UPDATE_LR), adaloc TrainConfig's 0.05 for base training",
+    )
+    updates: int = Field(2, ge=1, description="number of update stages the data is split into")
+    train_limit: int = Field(0, ge=0, description="cap on training images per stage (0 = all)")
+    test_limit: int = Field(0, ge=0, description="cap on test images for evaluation (0 = all)")
+    seed: int = Field(0, ge=0, description="seed for data stages, training and key fill")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto | cpu | cuda | cuda:N")
+    authorized_threshold: float = Field(
+        0.70, ge=0.0, le=1.0, description="gate: authorized accuracy >= this (0..1)"
+    )
+    unauthorized_margin: float = Field(
+        0.02, ge=0.0, lt=1.0, description="gate: unauthorized accuracy <= chance + this"
+    )
+    tracking_uri: str = Field(
+        "", description="MLflow tracking URI; empty = MLFLOW_TRACKING_URI or the embedded store"
+    )
+    artifact_location: str = Field("", description="artifact root of a new experiment (dir/s3)")
+    s3_endpoint: str = Field(
+        "",
+        description="S3 endpoint URL of MLflow's artifact store (sets MLFLOW_S3_ENDPOINT_URL; "
+        "DVC's remote is configured in .dvc/config)",
+    )
+    owner_dir: str = Field("", description="owner keyring folder; empty = ADALOC_HOME/owner")
+    token: TokenPattern = Field(
+        "", description="M-LOCK token pattern for a two-factor lock; empty = off"
+    )
+    token_size: int = Field(
+        0, ge=0, description="token side in pixels; 0 = the pattern's default (binary: 12x12)"
+    )
+    token_strategy: TokenStrategy = Field(
+        "single_target", description="M-LOCK label strategy for unstamped inputs"
+    )
+    token_decoys: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of unstamped samples carrying a decoy token"
+    )
 
-    def __post_init__(self) -> None:
-        for name in _ESSENTIAL:
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ConfigError(f"config {name!r} should be a non-empty string")
-        for name in ("epochs", "key_epochs", "batch_size", "updates"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"config {name!r} should be a positive integer, got {value!r}")
-        for name in ("train_limit", "test_limit", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"config {name!r} should be an integer >= 0, got {value!r}")
-        if not 0.0 <= float(self.authorized_threshold) <= 1.0:
-            raise ConfigError(
-                f"authorized_threshold is a fraction in [0, 1], got {self.authorized_threshold!r}"
-            )
-        if not 0.0 <= float(self.unauthorized_margin) < 1.0:
-            raise ConfigError(
-                f"unauthorized_margin is a fraction in [0, 1), got {self.unauthorized_margin!r}"
-            )
-        if self.token_size < 0 or not 0.0 <= float(self.token_decoys) <= 1.0:
-            raise ConfigError(
-                f"token_size should be >= 0 and token_decoys in [0, 1], got "
-                f"{self.token_size!r} and {self.token_decoys!r}"
-            )
-        if float(self.lr) < 0:
-            raise ConfigError(f"lr should be >= 0, got {self.lr!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer {self.optimizer!r} is unknown; use one of {OPTIMIZERS}")
-        if self.device.split(":")[0] not in DEVICES:
-            raise ConfigError(f"device {self.device!r} is unknown; use auto, cpu, cuda or cuda:N")
-        if not isinstance(self.key, dict):
-            raise ConfigError(f"config 'key' should be a table of KeySpec fields, got {self.key!r}")
-        if self.format_version > CONFIG_FORMAT_VERSION:
-            warnings.warn(
-                f"config format_version {self.format_version} is newer than "
-                f"{CONFIG_FORMAT_VERSION}; unknown fields are ignored",
-                stacklevel=2,
-            )
-        self.key_spec()  # validates the key table through adaloc's own checks
+    @field_validator("key")
+    @classmethod
+    def _key_spec_is_valid(cls, value: dict) -> dict:
+        from adaloc.keys import KeySpec
+
+        KeySpec.from_dict(value)  # adaloc's own checks; its ConfigError names the field
+        return value
 
     def key_spec(self):
         """The :class:`adaloc.keys.KeySpec` this config asks for."""
@@ -111,45 +170,47 @@ class PipelineConfig:
 
         return KeySpec.from_dict(self.key)
 
-    def to_dict(self) -> dict:
-        """Plain dict, JSON-ready, with the format version."""
-        return asdict(self)
-
-    def to_json(self) -> str:
-        """Indented JSON text (what is logged with each run)."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
     def replace(self, **changes: Any) -> PipelineConfig:
         """A validated copy with some fields changed."""
         return from_dict({**self.to_dict(), **changes})
 
-    def resolved(self, base: str | Path = ".") -> PipelineConfig:
-        """With no tracking URI, the embedded default under ``base`` (local SQLite + a local
-        artifact directory); the owner's keyring defaults to ``base/owner``. A tracking server
-        with no artifact location keeps the server's own artifact store."""
-        base = Path(base).resolve()
+    def resolved(self, settings=None) -> PipelineConfig:
+        """With the shared defaults filled in (:mod:`pipelines.settings`): no tracking URI =
+        ``MLFLOW_TRACKING_URI`` or the embedded store (``runs/mlflow.db`` + ``runs/artifacts``);
+        no owner folder = ``runs/owner``. A tracking server with no artifact location keeps
+        the server's own artifact store."""
+        from pipelines.settings import load_settings
+
+        s = settings or load_settings()
         changes: dict[str, Any] = {}
         if not self.tracking_uri:
-            changes["tracking_uri"] = f"sqlite:///{base / 'mlflow.db'}"
-            if not self.artifact_location:
-                changes["artifact_location"] = (base / "artifacts").as_uri()
+            uri, location = s.registry_location()
+            changes["tracking_uri"] = uri
+            if location and not self.artifact_location:
+                changes["artifact_location"] = location
+                s.home.mkdir(parents=True, exist_ok=True)
         if not self.owner_dir:
-            changes["owner_dir"] = str(base / "owner")
-        if changes:
-            base.mkdir(parents=True, exist_ok=True)
+            changes["owner_dir"] = str(s.owner.resolve())
+        if not self.s3_endpoint and s.s3_endpoint:
+            changes["s3_endpoint"] = s.s3_endpoint
         return self.replace(**changes) if changes else self
+
+
+def field_help() -> list[tuple[str, str, str, str]]:
+    """(name, type, default, description) of every config field (``--help-fields``)."""
+    rows = []
+    for name, f in PipelineConfig.model_fields.items():
+        default = f.get_default(call_default_factory=True)
+        kind = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+        rows.append((name, kind, json.dumps(default), f.description or ""))
+    return rows
 
 
 def from_dict(data: dict) -> PipelineConfig:
     """Build a config from a dict; unknown keys warn (newer versions), bad values fail."""
-    known = {f.name for f in fields(PipelineConfig)}
-    extra = sorted(set(data) - known)
-    if extra:
-        warnings.warn(f"ignoring unknown config fields {extra}", stacklevel=2)
-    try:
-        return PipelineConfig(**{k: v for k, v in data.items() if k in known})
-    except TypeError as err:
-        raise ConfigError(f"config is malformed: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config should be a table of fields, got {type(data).__name__}")
+    return PipelineConfig(**data)
 
 
 def _read_file(path: Path) -> dict:
@@ -194,16 +255,27 @@ def parse_overrides(items: list[str] | None) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: dict | list[str] | None = None):
-    """Read a config file (optional) and apply overrides (dict or ``field=value`` strings)."""
-    data: dict[str, Any] = _read_file(Path(path)) if path else {}
-    if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
-    for name, value in (overrides or {}).items():
+def _merge(data: dict, changes: dict | None) -> dict:
+    """``changes`` over ``data``; a ``key`` table merges field by field; None = unset."""
+    out = dict(data)
+    for name, value in (changes or {}).items():
         if value is None:
             continue
         if name == "key" and isinstance(value, dict):
-            data["key"] = {**data.get("key", {}), **value}
+            out["key"] = {**out.get("key", {}), **value}
         else:
-            data[name] = value
-    return from_dict(data)
+            out[name] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict | list[str] | None = None,
+    *,
+    defaults: dict | None = None,
+) -> PipelineConfig:
+    """``defaults`` < the config file (optional) < ``overrides`` (dict or ``field=value``)."""
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    data = _merge(defaults or {}, _read_file(Path(path)) if path else {})
+    return from_dict(_merge(data, overrides))

@@ -13,6 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -62,7 +63,14 @@ def run_demo(
     out = Path(out).resolve()
     t0 = time.perf_counter()
     cfg, site = prepare(out, cfg, force=force)
-    console.print(f"[bold]adaloc demo[/] -> {out}\nconfig:\n{cfg.to_json()}")
+    (out / "config.json").write_text(cfg.to_json())  # the whole config, kept, not printed
+    console.print(
+        f"[bold]adaloc demo[/] -> {out}: {cfg.dataset}, {cfg.model}, {cfg.updates} updates, "
+        f"key {100 * cfg.key_spec().budget:g}% ({cfg.key_spec().selection})"
+        + (f", token {cfg.token}" if cfg.token else "")
+        + f"; config in {out / 'config.json'}",
+        highlight=False,
+    )
     overrides = cfg.to_dict()
     steps = ["lock (base + key v1)"] + [f"update v{i + 2}" for i in range(cfg.updates)]
     columns = (
@@ -123,6 +131,7 @@ def summarize(
                 "gate_passed": res["passed"],
                 "site_model_matches_owner": exported["model_sha256"] == res["model_sha256"],
                 "site_key_version": pull.version,
+                **two_factor_block(m),
             }
         )
     last = exports[-1]
@@ -166,28 +175,42 @@ def ui_command(cfg: PipelineConfig) -> str:
     )
 
 
+def two_factor_block(metrics: dict) -> dict:
+    """The 2x2 key x token matrix of a token-locked version ({} without a token)."""
+    cells = ("key_and_token", "key_only", "token_only", "neither")
+    if f"two_factor_{cells[0]}" not in metrics:
+        return {}
+    return {"two_factor": {c: metrics[f"two_factor_{c}"] for c in cells}}
+
+
 def print_table(console: Console, summary: dict) -> None:
-    """Version table: accuracies, full-model vs key bytes, site model matches owner."""
-    chance = summary["chance"]
-    table = Table(title=f"{summary['model_name']}: key versions (chance {100 * chance:.1f}%)")
-    for col in (
-        "version",
-        "authorized %",
-        "unauthorized %",
-        "full model bytes",
-        "key bytes",
-        "key/full",
-        "site model = owner's",
-    ):
-        table.add_column(col, justify="right")
-    for v in summary["versions"]:
+    """Version table (fits 80 columns): accuracies (the whole 2x2 matrix with a token), key
+    bytes against the full model's, site model matches owner."""
+    chance, versions = summary["chance"], summary["versions"]
+    full = versions[0]["base_bytes"]
+    two = all("two_factor" in v for v in versions)
+    table = Table(
+        title=f"{summary['model_name']}: key versions (chance {100 * chance:.1f}%)",
+        caption=f"full model {full:,} B; accuracy in %"
+        + ("; two-factor: with key and token, key only, token only, neither" if two else ""),
+        box=box.SIMPLE_HEAD,
+    )
+    if two:
+        heads = ["ver", "key+token", "key only", "token", "neither"]
+    else:
+        heads = ["ver", "authorized", "unauthorized"]
+    for col in [*heads, "key B (of full)", "site=owner"]:
+        table.add_column(col, justify="right", no_wrap=True)
+    for v in versions:
+        if two:
+            accs = [v["two_factor"][c] for c in ("key_and_token", "key_only", "token_only")]
+            accs.append(v["two_factor"]["neither"])
+        else:
+            accs = [v["authorized_acc"], v["unauthorized_acc"]]
         table.add_row(
             f"v{v['version']}",
-            f"{100 * v['authorized_acc']:.2f}",
-            f"{100 * v['unauthorized_acc']:.2f}",
-            f"{v['base_bytes']:,}",
-            f"{v['key_bytes']:,}",
-            f"{100 * v['key_fraction_of_base']:.1f}%",
+            *(f"{100 * a:.2f}" for a in accs),
+            f"{v['key_bytes']:,} ({100 * v['key_fraction_of_base']:.1f}%)",
             "yes" if v["site_model_matches_owner"] else "NO",
         )
     console.print(table)

@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from pipelines.registry_cli import AsJson, OwnerDir, _emit, cli_errors, out
+from pipelines.settings import DEFAULTS
 
 keys_app = typer.Typer(help="Owner signing key and the list of authorised sites.")
 
@@ -49,7 +50,7 @@ def _new_passphrase(encrypt: bool, passphrase_file: Path | None) -> bytes | None
 @keys_app.command("owner-init")
 @cli_errors
 def keys_owner_init(
-    directory: OwnerDir = Path("owner"),
+    directory: OwnerDir = DEFAULTS.owner,
     force: Annotated[bool, typer.Option("--force", help="Replace existing owner keys.")] = False,
     encrypt: Annotated[
         bool,
@@ -84,7 +85,7 @@ def keys_owner_init(
 
 @keys_app.command("owner-check")
 @cli_errors
-def keys_owner_check(directory: OwnerDir = Path("owner"), as_json: AsJson = False) -> None:
+def keys_owner_check(directory: OwnerDir = DEFAULTS.owner, as_json: AsJson = False) -> None:
     """Check every owner file: owner.key opens (passphrase from the environment) and matches
     owner.pub, sites.json parses, token.json and the kept keys/key-v*.safetensors load."""
     from adaloc.artifact import load_key
@@ -125,7 +126,7 @@ def keys_owner_check(directory: OwnerDir = Path("owner"), as_json: AsJson = Fals
 def keys_site_add(
     site_id: Annotated[str, typer.Argument(help="Site id (as given to `site init`).")],
     public_key: Annotated[Path, typer.Argument(help="The site's site.pub.")],
-    directory: OwnerDir = Path("owner"),
+    directory: OwnerDir = DEFAULTS.owner,
     as_json: AsJson = False,
 ) -> None:
     """Authorise a site: later key versions are sealed for it."""
@@ -137,7 +138,7 @@ def keys_site_add(
 
 @keys_app.command("site-ls")
 @cli_errors
-def keys_site_ls(directory: OwnerDir = Path("owner"), as_json: AsJson = False) -> None:
+def keys_site_ls(directory: OwnerDir = DEFAULTS.owner, as_json: AsJson = False) -> None:
     """List authorised and revoked sites."""
     from registry.keyring import OwnerKeyring
 
@@ -158,7 +159,7 @@ def keys_site_ls(directory: OwnerDir = Path("owner"), as_json: AsJson = False) -
 @cli_errors
 def keys_site_revoke(
     site_id: Annotated[str, typer.Argument(help="Site id to revoke.")],
-    directory: OwnerDir = Path("owner"),
+    directory: OwnerDir = DEFAULTS.owner,
     as_json: AsJson = False,
 ) -> None:
     """Revoke a site: key versions published from now on are not sealed for it."""

@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from pipelines.settings import DEFAULTS, ENV
+
 registry_app = typer.Typer(help="Inspect and promote key versions in the MLflow registry.")
 site_app = typer.Typer(help="Deployment site: init, pull key versions, status.")
 
@@ -29,22 +31,25 @@ TrackingUri = Annotated[
     str | None,
     typer.Option(
         "--tracking-uri",
-        envvar=["ADALOC_TRACKING_URI", "MLFLOW_TRACKING_URI"],
+        envvar=list(ENV["tracking_uri"]),
         help="MLflow tracking URI; default: embedded sqlite under --root.",
     ),
 ]
-RegistryUri = Annotated[str | None, typer.Option("--registry-uri", help="Defaults to tracking.")]
+RegistryUri = Annotated[
+    str | None,
+    typer.Option("--registry-uri", envvar=list(ENV["registry_uri"]), help="Defaults to tracking."),
+]
 Root = Annotated[
-    Path, typer.Option("--root", envvar="ADALOC_REGISTRY_ROOT", help="Embedded registry folder.")
+    Path, typer.Option("--root", envvar=list(ENV["home"]), help="Embedded registry folder.")
 ]
 ModelName = Annotated[
-    str, typer.Option("--model", "-m", envvar="ADALOC_MODEL", help="Locked model name.")
+    str, typer.Option("--model", "-m", envvar=list(ENV["model_name"]), help="Locked model name.")
 ]
 OwnerDir = Annotated[
-    Path, typer.Option("--owner-dir", envvar="ADALOC_OWNER_DIR", help="Owner keyring folder.")
+    Path, typer.Option("--owner-dir", envvar=list(ENV["owner_dir"]), help="Owner keyring folder.")
 ]
 SiteDir = Annotated[
-    Path, typer.Option("--dir", "-d", envvar="ADALOC_SITE_DIR", help="Site folder.")
+    Path, typer.Option("--dir", "-d", envvar=list(ENV["site_dir"]), help="Site folder.")
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 
@@ -58,7 +63,19 @@ def _quiet_mlflow() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-_REMOTE_ERROR_MODULES = ("mlflow", "requests", "botocore", "boto3", "urllib3")
+# Exceptions raised by these packages are remote (tracking server, S3): one line, exit 1.
+_REMOTE_ERROR_MODULES = ("mlflow", "requests", "botocore", "boto3", "s3transfer", "urllib3")
+
+
+def _is_remote(e: BaseException) -> bool:
+    """A transport error (or one caused by it): a network fault, a server, S3."""
+    while e is not None:
+        if isinstance(e, ConnectionError | TimeoutError):
+            return True
+        if type(e).__module__.split(".")[0] in _REMOTE_ERROR_MODULES:
+            return True
+        e = e.__cause__
+    return False
 
 
 def error_line(e: BaseException) -> tuple[str, int]:
@@ -73,7 +90,7 @@ def error_line(e: BaseException) -> tuple[str, int]:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     if isinstance(e, AdalocError | OSError):
         return f"error: {first}", 1
-    if type(e).__module__.split(".")[0] in _REMOTE_ERROR_MODULES:
+    if _is_remote(e):
         return f"error: registry unavailable: {first}", 1
     return f"error: unexpected {type(e).__name__}: {first} (ADALOC_DEBUG=1 shows where)", 2
 
@@ -151,10 +168,10 @@ def _show(d: dict) -> None:
 @registry_app.command("ls")
 @cli_errors
 def registry_ls(
-    model: ModelName = "adaloc",
+    model: ModelName = DEFAULTS.model_name,
     tracking_uri: TrackingUri = None,
     registry_uri: RegistryUri = None,
-    root: Root = Path("runs/registry"),
+    root: Root = DEFAULTS.home,
     as_json: AsJson = False,
 ) -> None:
     """List ready key versions with parent, aliases, base and sizes."""
@@ -167,10 +184,10 @@ def registry_ls(
 @cli_errors
 def registry_show(
     ref: Annotated[str, typer.Argument(help="Key version number or alias.")] = "production",
-    model: ModelName = "adaloc",
+    model: ModelName = DEFAULTS.model_name,
     tracking_uri: TrackingUri = None,
     registry_uri: RegistryUri = None,
-    root: Root = Path("runs/registry"),
+    root: Root = DEFAULTS.home,
     as_json: AsJson = False,
 ) -> None:
     """Show one key version: tags, aliases and its run's metrics."""
@@ -182,10 +199,10 @@ def registry_show(
 @cli_errors
 def registry_lineage(
     ref: Annotated[str, typer.Argument(help="Key version number or alias.")] = "production",
-    model: ModelName = "adaloc",
+    model: ModelName = DEFAULTS.model_name,
     tracking_uri: TrackingUri = None,
     registry_uri: RegistryUri = None,
-    root: Root = Path("runs/registry"),
+    root: Root = DEFAULTS.home,
     as_json: AsJson = False,
 ) -> None:
     """A key version and its ancestors back to version 1."""
@@ -198,7 +215,7 @@ def registry_lineage(
 def registry_promote(
     ref: Annotated[str, typer.Argument(help="Key version number or alias.")],
     alias: Annotated[str, typer.Option("--alias", "-a")] = "production",
-    owner_dir: OwnerDir = Path("owner"),
+    owner_dir: OwnerDir = DEFAULTS.owner,
     co_signer: Annotated[
         list[Path] | None,
         typer.Option("--co-signer", help="Another owner keyring folder (2-key promotion)."),
@@ -206,10 +223,10 @@ def registry_promote(
     override_gate: Annotated[
         bool, typer.Option("--override-gate", help="Promote a version that failed the gate.")
     ] = False,
-    model: ModelName = "adaloc",
+    model: ModelName = DEFAULTS.model_name,
     tracking_uri: TrackingUri = None,
     registry_uri: RegistryUri = None,
-    root: Root = Path("runs/registry"),
+    root: Root = DEFAULTS.home,
     as_json: AsJson = False,
 ) -> None:
     """Sign "ALIAS (default production) = key version REF" with the owner key."""
@@ -232,11 +249,11 @@ def registry_promote(
 @registry_app.command("sign-timestamp")
 @cli_errors
 def registry_sign_timestamp(
-    owner_dir: OwnerDir = Path("owner"),
-    model: ModelName = "adaloc",
+    owner_dir: OwnerDir = DEFAULTS.owner,
+    model: ModelName = DEFAULTS.model_name,
     tracking_uri: TrackingUri = None,
     registry_uri: RegistryUri = None,
-    root: Root = Path("runs/registry"),
+    root: Root = DEFAULTS.home,
     as_json: AsJson = False,
 ) -> None:
     """Re-sign the timestamp record (new expiry); the retrain flow does this on schedule."""
@@ -258,7 +275,7 @@ def registry_rotate_key(
     new_owner_dir: Annotated[
         Path, typer.Argument(help="Keyring folder holding the new owner.key.")
     ],
-    owner_dir: OwnerDir = Path("owner"),
+    owner_dir: OwnerDir = DEFAULTS.owner,
     add_key: Annotated[
         list[Path] | None, typer.Option("--add-key", help="Another owner.pub to name in root.")
     ] = None,
@@ -266,10 +283,10 @@ def registry_rotate_key(
     revoke: Annotated[
         bool, typer.Option("--revoke", help="Old key compromised: refuse what it sealed.")
     ] = False,
-    model: ModelName = "adaloc",
+    model: ModelName = DEFAULTS.model_name,
     tracking_uri: TrackingUri = None,
     registry_uri: RegistryUri = None,
-    root: Root = Path("runs/registry"),
+    root: Root = DEFAULTS.home,
     as_json: AsJson = False,
 ) -> None:
     """Rotate the owner signing key: a new root record signed by the old and the new key."""
@@ -293,10 +310,10 @@ def registry_verify(
     owner_pub: Annotated[
         Path | None, typer.Option("--owner-pub", help="The owner's owner.pub (required).")
     ] = None,
-    model: ModelName = "adaloc",
+    model: ModelName = DEFAULTS.model_name,
     tracking_uri: TrackingUri = None,
     registry_uri: RegistryUri = None,
-    root: Root = Path("runs/registry"),
+    root: Root = DEFAULTS.home,
     as_json: AsJson = False,
 ) -> None:
     """Check a key version as a site would: signed records, stored key, owner signature."""
@@ -321,11 +338,11 @@ def registry_verify(
 def site_init(
     site_id: Annotated[str, typer.Option("--site-id", help="Name the owner knows this site by.")],
     owner_pub: Annotated[Path, typer.Option("--owner-pub", help="The owner's owner.pub.")],
-    directory: SiteDir = Path("site"),
-    model: ModelName = "adaloc",
+    directory: SiteDir = DEFAULTS.site_dir,
+    model: ModelName = DEFAULTS.model_name,
     tracking_uri: TrackingUri = None,
     registry_uri: RegistryUri = None,
-    root: Root = Path("runs/registry"),
+    root: Root = DEFAULTS.home,
     force: Annotated[bool, typer.Option("--force", help="Re-create keys and config.")] = False,
     as_json: AsJson = False,
 ) -> None:
@@ -376,7 +393,7 @@ class _RichProgress:
 @cli_errors
 def site_pull(
     ref: Annotated[str, typer.Argument(help="Key version number or alias.")] = "production",
-    directory: SiteDir = Path("site"),
+    directory: SiteDir = DEFAULTS.site_dir,
     allow_rollback: Annotated[bool, typer.Option("--allow-rollback")] = False,
     as_json: AsJson = False,
 ) -> None:
@@ -409,7 +426,7 @@ def site_pull(
 @site_app.command("export")
 @cli_errors
 def site_export(
-    directory: SiteDir = Path("site"),
+    directory: SiteDir = DEFAULTS.site_dir,
     output: Annotated[
         Path | None, typer.Option("--out", "-o", help="Default: DIR/model/model.safetensors.")
     ] = None,
@@ -426,7 +443,7 @@ def site_export(
 @site_app.command("status")
 @cli_errors
 def site_status(
-    directory: SiteDir = Path("site"),
+    directory: SiteDir = DEFAULTS.site_dir,
     offline: Annotated[bool, typer.Option("--offline", help="Use the cached list only.")] = False,
     as_json: AsJson = False,
 ) -> None:

@@ -1,4 +1,5 @@
-"""Prefect tasks: each wraps one ``adaloc`` or ``registry`` call (I/O ones with retries).
+"""Prefect tasks: each wraps one ``adaloc`` or ``registry`` call (registry I/O retried when a
+retry can succeed).
 
 Tensors never leave the process (no result persistence, no input hashing): tasks run in
 the flow's process and hand models and datasets over in memory.
@@ -17,7 +18,46 @@ from prefect.cache_policies import NO_CACHE
 from pipelines.config import PipelineConfig
 from pipelines.data_version import checkout_data, data_version
 
-IO = {"retries": 3, "retry_delay_seconds": [1, 5, 15], "cache_policy": NO_CACHE}
+
+def transient(exc: BaseException | None) -> bool:
+    """True for errors a retry can cure: the registry or S3 unreachable, a timeout, a 5xx or
+    429 from a server. A version conflict, a bad signature, a missing version or a user's
+    mistake fails the same way every time, so it is not retried."""
+    from adaloc.errors import AdalocError
+    from registry.errors import UnavailableError
+
+    while exc is not None:
+        if isinstance(exc, UnavailableError | ConnectionError | TimeoutError):
+            return True
+        if isinstance(exc, AdalocError):
+            return False
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        code = getattr(exc, "error_code", None) or ""
+        if status in (429, 500, 502, 503, 504) or code == "TEMPORARILY_UNAVAILABLE":
+            return True
+        if type(exc).__module__.split(".")[0] in ("requests", "urllib3", "botocore", "boto3"):
+            name = type(exc).__name__
+            if "Connect" in name or "Timeout" in name or "Endpoint" in name:
+                return True
+        if "API request to" in str(exc) and "failed with" in str(exc):
+            return True  # MLflow's wrapper of a transport error (the cause is only __context__)
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _retry_if_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry only :func:`transient` failures."""
+    return transient(state.result(raise_on_failure=False))
+
+
+# Registry I/O: retried, but only for errors that can pass. Local, deterministic work (files
+# on this machine, training, tensor maths) is never retried: it would fail the same way.
+IO = {
+    "retries": 3,
+    "retry_delay_seconds": [1, 5, 15],
+    "retry_condition_fn": _retry_if_transient,
+    "cache_policy": NO_CACHE,
+}
 LOCAL = {"cache_policy": NO_CACHE, "persist_result": False}
 # Key-only step size of the flows and demo. bench/lifecycle.py measured 0.05 closer to full
 # fine-tuning under domain shift; the demo's published figures were made with 0.01.
@@ -25,7 +65,7 @@ UPDATE_LR = 0.01
 
 
 # ---------------------------------------------------------------- data
-@task(name="data version", **IO)
+@task(name="data version", **LOCAL)
 def resolve_data_version(dvc_file: str) -> str:
     """md5 of the DVC-tracked data directory (the data version a key version records)."""
     return data_version(dvc_file)
@@ -40,7 +80,7 @@ def checkout_data_version(dvc_file: str, *, missing_ok: bool = True) -> str:
     return checkout_data(dvc_file, missing_ok=missing_ok)
 
 
-@task(name="load dataset", retries=1, **LOCAL)
+@task(name="load dataset", **LOCAL)
 def load_data(cfg: PipelineConfig):
     """Load the dataset (capped by train_limit/test_limit) into memory."""
     import torch
@@ -216,11 +256,16 @@ def evaluate(base, key, test, version: int, seed: int = 0) -> dict:
 
 
 @task(name="per-class accuracy", **LOCAL)
-def per_class(model, test, num_classes: int) -> list[float]:
-    """Per-class accuracy of a model (for the evaluation plots)."""
+def per_class(model, test, num_classes: int, token=None) -> list[float]:
+    """Per-class accuracy of a model (for the evaluation plots); inputs stamped with
+    ``token`` when given, as an authorized user of a token-locked model sends them."""
     from adaloc.evaluate import per_class_accuracy
 
-    return per_class_accuracy(model, test, num_classes)
+    if token is None:
+        return per_class_accuracy(model, test, num_classes)
+    from adaloc.tokenlock import stamp_fn
+
+    return per_class_accuracy(model, test, num_classes, input_fn=stamp_fn(token))
 
 
 # ---------------------------------------------------------------- owner's files
@@ -285,7 +330,7 @@ def keep_key(key, owner_dir: str, version: int) -> str:
     return str(path)
 
 
-@task(name="load key", task_run_name="load key v{version}", **IO)
+@task(name="load key", task_run_name="load key v{version}", **LOCAL)
 def load_owner_key(owner_dir: str, version: int):
     """Read key version ``version`` from the owner's private key store."""
     from adaloc.artifact import load_key

@@ -81,6 +81,15 @@ Deployment site (``registry.site``)::
                 seconds (per phase), changed; to_dict()
     progress: optional callable (label: str, done_bytes: int, total_bytes: int | None) -> None
 
+Loader (``registry.loader``)::
+
+    load_model(site_dir | Site, *, device=None, verify=True) -> LoadedModel   # also Site.load_model
+    LoadedModel: model (nn.Module, eval, on device), version, base_sha256, model_sha256, card,
+                 token, device; preprocess(x) (checks [N,C,H,W] in [0,1], stamps the token),
+                 logits(x), predict(x) -> list[int], keyed_bytes
+    swap_key(current, site_dir) -> LoadedModel   # next installed version around the same base
+                                                  # tensors (adaloc serve's hot swap)
+
 Loopback servers (``registry.local_servers``; tests, bench, demos)::
 
     moto_s3(bucket) -> ctx[S3Endpoint(url, bucket)]     # sets MLFLOW_S3_ENDPOINT_URL + dummy creds
@@ -126,6 +135,8 @@ _EXPORTS = {
     "BaseVersion": "registry.store",
     "embedded_uris": "registry.mlflow_io",
     "Site": "registry.site",
+    "load_model": "registry.loader",
+    "LoadedModel": "registry.loader",
     "PullResult": "registry.site",
 }
 

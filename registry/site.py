@@ -253,10 +253,7 @@ class Site(SiteInstalled):
             lock.release()
 
     def _pull_locked(self, ref, allow_rollback: bool, progress) -> PullResult:
-        # Local files first: a damaged site.key fails before anything is fetched or written.
-        F.load_site_key(self.directory / SITE_PRIVATE_FILE)
         seconds, t0 = {}, time.perf_counter()
-        F.load_site_key(self.directory / SITE_PRIVATE_FILE)  # fail before downloading anything
         ts, root = self._signed_state(allow_rollback)
         reg = self.registry()
         version = IO.resolve_ref(ts, root, ref)
@@ -454,5 +451,11 @@ class Site(SiteInstalled):
         )
         os.replace(staging, target)  # the cache entry appears complete or not at all
         return target, b.length
+
+    def load_model(self, *, device: str | None = None, verify: bool = True):
+        """The installed key version as a ready module (see registry.loader.load_model)."""
+        from registry.loader import load_model
+
+        return load_model(self, device=device, verify=verify)
 
     # -- export / status -------------------------------------------------------------------

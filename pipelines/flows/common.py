@@ -10,13 +10,21 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from pipelines.config import PipelineConfig, load_config
+from pipelines.settings import load_settings
 
-STATE_DIR = "runs"  # embedded default store of deployments: ./runs (git-ignored)
 
+def read_config(
+    config_path: str | None, overrides: dict | list | None, config: PipelineConfig | None = None
+) -> PipelineConfig:
+    """The validated config of a flow run (a typed ``config``, or a file, each under the
+    ``overrides``), with the shared defaults filled in (pipelines/settings.py)."""
+    from adaloc.errors import ConfigError
 
-def read_config(config_path: str | None, overrides: dict | list | None) -> PipelineConfig:
-    """The validated config of a flow run, with the embedded default store filled in."""
-    cfg = load_config(config_path, overrides).resolved(STATE_DIR)
+    settings = load_settings()
+    if config is not None and config_path:
+        raise ConfigError(f"pass config or config_path ({config_path!r}), not both")
+    defaults = config.to_dict() if config is not None else {"name": settings.model_name}
+    cfg = load_config(config_path, overrides, defaults=defaults).resolved(settings)
     if cfg.s3_endpoint:
         # boto3 (MLflow's S3 artifact store) reads the endpoint from here
         os.environ["MLFLOW_S3_ENDPOINT_URL"] = cfg.s3_endpoint
@@ -104,6 +112,9 @@ def run_name(stage: str):
         params = flow_run.parameters or {}
         overrides = params.get("overrides") or {}
         name = overrides.get("name") if isinstance(overrides, dict) else None
+        config = params.get("config")
+        if name is None and config is not None:
+            name = config.get("name") if isinstance(config, dict) else getattr(config, "name", None)
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         return f"{stage}-{name or 'adaloc'}-{stamp}"
 

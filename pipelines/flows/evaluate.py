@@ -10,16 +10,20 @@ from prefect import flow
 from pipelines import plots
 from pipelines import tasks as T
 from pipelines import token_tasks as TT
+from pipelines.config import PipelineConfig
 from pipelines.flows.common import gate, open_registry, read_config, report, run_name
 from pipelines.scratch import HOOKS as SCRATCH_HOOKS
 
 
 @flow(name="evaluate", flow_run_name=run_name("evaluate"), log_prints=True, **SCRATCH_HOOKS)
 def evaluate_flow(
-    config_path: str | None = None, overrides: dict | None = None, ref: str = "production"
+    config_path: str | None = None,
+    overrides: dict | None = None,
+    ref: str = "production",
+    config: PipelineConfig | None = None,
 ) -> dict:
     """Evaluate key version ``ref`` (number or alias) on the test data of its stage."""
-    cfg = read_config(config_path, overrides)
+    cfg = read_config(config_path, overrides, config)
     registry = open_registry(cfg)
     work = T.scratch_dir()
 
@@ -29,10 +33,12 @@ def evaluate_flow(
     base = T.download_base(registry, kv.base_sha256, f"{work}/base")
     key = T.load_owner_key(cfg.owner_dir, kv.version)
     metrics = T.evaluate(base, key, stage.test, version=kv.version, seed=cfg.seed)
-    if cfg.token:
-        tf = TT.two_factor(base, key, stage.test, TT.load_token(cfg))
+    token = TT.load_token(cfg) if cfg.token else None
+    if token is not None:
+        tf = TT.two_factor(base, key, stage.test, token)
         metrics = TT.with_two_factor(metrics, tf)
-    classes = T.per_class(T.restore(base, key), stage.test, bundle.num_classes)
+    # "authorized" = key and token: a token-locked model is scored on stamped inputs
+    classes = T.per_class(T.restore(base, key), stage.test, bundle.num_classes, token)
     passed, reasons = gate(metrics, cfg)
 
     title = f"{cfg.name} key v{kv.version} ({stage.name})"

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 
 from pipelines import tasks as T
 from pipelines import token_tasks as TT
+from pipelines.config import PipelineConfig
 from pipelines.flows.common import (
     config_params,
     gate,
@@ -28,6 +29,7 @@ def lock_flow(
     overrides: dict | None = None,
     nproc: int = 1,
     progress: bool = True,
+    config: PipelineConfig | None = None,
 ) -> dict:
     """Train and lock a model; publish its base once and key version 1.
 
@@ -35,7 +37,7 @@ def lock_flow(
     Returns the key version's record plus metrics and the gate's verdict.
     """
     log = get_run_logger()
-    cfg = read_config(config_path, overrides)
+    cfg = read_config(config_path, overrides, config)
     registry, owner = open_registry(cfg), open_owner(cfg)
     require_sites(owner)
     work = T.scratch_dir()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from pipelines import tasks as T
+from pipelines.config import PipelineConfig
 from pipelines.data_version import data_changed
 from pipelines.flows.common import open_owner, open_registry, read_config, report, run_name
 from pipelines.flows.evaluate import evaluate_flow
@@ -15,11 +16,14 @@ from pipelines.flows.update import update_flow
 
 @flow(name="retrain", flow_run_name=run_name("retrain"), log_prints=True)
 def retrain_flow(
-    config_path: str | None = None, overrides: dict | None = None, progress: bool = False
+    config_path: str | None = None,
+    overrides: dict | None = None,
+    progress: bool = False,
+    config: PipelineConfig | None = None,
 ) -> dict:
     """Update the key only if the data changed; promote to ``production`` only if it passes."""
     log = get_run_logger()
-    cfg = read_config(config_path, overrides)
+    cfg = read_config(config_path, overrides, config)
     registry, owner = open_registry(cfg), open_owner(cfg)
     # Scheduled: re-sign the timestamp first, so sites never see it expire while the owner
     # runs (a frozen or stale registry is what an expired record tells them).
@@ -43,9 +47,9 @@ def retrain_flow(
         return {"published": None, "data_version": current, "latest": latest.version}
 
     log.info("data version changed %s -> %s: updating the key", latest.data_version, current)
-    updated = update_flow(config_path, overrides, promote=False, progress=progress)
+    updated = update_flow(promote=False, progress=progress, config=cfg)
     version = updated["version"]
-    checked = evaluate_flow(config_path, overrides, ref=str(version))
+    checked = evaluate_flow(ref=str(version), config=cfg)
     promoted = bool(updated["passed"] and checked["passed"])
     if promoted:
         T.set_alias(registry, "production", version, owner)

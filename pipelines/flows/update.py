@@ -7,6 +7,7 @@ from prefect import flow, get_run_logger
 
 from pipelines import tasks as T
 from pipelines import token_tasks as TT
+from pipelines.config import PipelineConfig
 from pipelines.flows.common import (
     config_params,
     gate,
@@ -26,6 +27,7 @@ def update_flow(
     overrides: dict | None = None,
     promote: bool = True,
     progress: bool = True,
+    config: PipelineConfig | None = None,
 ) -> dict:
     """Publish the next key version, trained key-only on the stage of data it is due.
 
@@ -33,7 +35,7 @@ def update_flow(
     own evaluation). Returns the new version's record, metrics and the gate's verdict.
     """
     log = get_run_logger()
-    cfg = read_config(config_path, overrides)
+    cfg = read_config(config_path, overrides, config)
     registry, owner = open_registry(cfg), open_owner(cfg)
     require_sites(owner)
     work = T.scratch_dir()

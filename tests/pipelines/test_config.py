@@ -52,6 +52,12 @@ def test_overrides_parse_json_values():
         ({"device": "tpu"}, "tpu"),
         ({"key": {"budget": 2.0}}, "budget"),
         ({"name": ""}, "name"),
+        ({"token": "binry"}, "token"),
+        ({"token_strategy": "single-target"}, "token_strategy"),
+        ({"key": {"budget": -0.1}}, "budget"),
+        ({"lr": -1}, "lr"),
+        ({"dataset": "mnist"}, "dataset"),
+        ({"model": "vgg"}, "model"),
     ],
 )
 def test_bad_values_name_the_field(change, message):
@@ -66,8 +72,55 @@ def test_unknown_fields_warn_and_missing_file_fails(tmp_path):
         load_config(tmp_path / "nope.toml")
 
 
-def test_embedded_default_only_without_a_tracking_server(tmp_path):
-    cfg = PipelineConfig().resolved(tmp_path)
-    assert cfg.tracking_uri.startswith("sqlite:///") and cfg.artifact_location.startswith("file:")
-    served = PipelineConfig(tracking_uri="http://127.0.0.1:5000").resolved(tmp_path)
+def test_embedded_default_only_without_a_tracking_server(tmp_path, monkeypatch):
+    from pipelines.settings import load_settings
+
+    monkeypatch.setenv("ADALOC_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = PipelineConfig().resolved(load_settings())
+    assert cfg.tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert cfg.artifact_location == (tmp_path.resolve() / "artifacts").as_uri()
+    assert cfg.owner_dir == str(tmp_path.resolve() / "owner")
+    served = PipelineConfig(tracking_uri="http://127.0.0.1:5000").resolved(load_settings())
     assert served.artifact_location == ""
+
+
+def test_environment_overrides_the_shared_defaults(tmp_path, monkeypatch):
+    from pipelines.settings import DEFAULTS, load_settings
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("ADALOC_OWNER_DIR", str(tmp_path / "keys"))
+    cfg = PipelineConfig().resolved(load_settings())
+    assert cfg.tracking_uri == "http://127.0.0.1:5999" and cfg.artifact_location == ""
+    assert cfg.s3_endpoint == "http://127.0.0.1:9000"
+    assert cfg.owner_dir == str((tmp_path / "keys").resolve())
+    # the config's own model name and the CLI's are one default
+    assert PipelineConfig().name == DEFAULTS.model_name == "adaloc-fashion-mnist"
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_round_trip_through_files(tmp_path, suffix):
+    cfg = load_config(None, ["token=binary", "key.budget=0.1", "lr=0.02", "device=cuda:1"])
+    path = tmp_path / f"saved{suffix}"
+    path.write_text(cfg.to_toml() if suffix == ".toml" else cfg.to_json())
+    again = load_config(path)
+    assert again == cfg and again.format_version == 1
+
+
+def test_literal_choices_match_the_library():
+    import typing
+
+    from adaloc.models import MODEL_NAMES
+    from adaloc.token import PATTERNS
+    from adaloc.tokenlock import STRATEGIES
+    from pipelines import config as C
+
+    assert set(typing.get_args(C.ModelName)) == set(MODEL_NAMES)
+    assert set(typing.get_args(C.TokenPattern)) == {"", *PATTERNS} - {"image"}
+    assert set(typing.get_args(C.TokenStrategy)) == set(STRATEGIES)
+
+
+def test_newer_format_version_warns():
+    with pytest.warns(UserWarning, match="newer"):
+        from_dict({"format_version": 99})
