@@ -6,7 +6,10 @@ same construction: :class:`~adaloc.training.KeyGuard` masks gradients *before* D
 all-reduce (tensor hooks fire before the reducer sees a gradient), only keyed parameters are
 registered with DDP, and every non-key value is written back after each step. Every rank
 starts from the same weights (DDP broadcasts rank 0's at wrap time) and walks its own
-shard of one shared, seeded permutation, so the ranks stay identical.
+shard of one shared, seeded permutation, so the ranks stay identical. A ``torch`` Dataset
+(e.g. :func:`adaloc.streaming.image_folder`, not an in-memory ImageSet) is read through a
+DataLoader with a ``DistributedSampler`` instead: the same equal, disjoint per-rank shards,
+reshuffled per epoch with ``set_epoch``.
 
 Backend: ``gloo`` on CPU, ``nccl`` on CUDA. Run ``torchrun --nproc_per_node 2 -m
 pipelines.train_ddp ...``; this module holds the tensor maths, the entry point only I/O.
@@ -22,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from adaloc.data import ImageSet
 from adaloc.device import best_device
 from adaloc.errors import ConfigError
 from adaloc.keys import KeyMask
@@ -66,6 +70,25 @@ def shard_batches(n: int, batch_size: int, g: torch.Generator, rank: int, world:
         yield mine[start : start + batch_size]
 
 
+def sharded_loader(train, cfg: TrainConfig, rank: int, world: int, num_workers: int):
+    """(epoch factory, steps per epoch) over a Dataset through a DistributedSampler."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from adaloc.streaming import make_loader
+
+    sampler = DistributedSampler(
+        train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+    loader = make_loader(train, batch_size=cfg.batch_size, sampler=sampler, num_workers=num_workers)
+    epoch = iter(range(cfg.epochs))
+
+    def epoch_batches():
+        sampler.set_epoch(next(epoch))  # a new shared order each epoch, same on every rank
+        return loader
+
+    return epoch_batches, len(loader)
+
+
 def fit_distributed(
     model: nn.Module,
     train,
@@ -73,11 +96,14 @@ def fit_distributed(
     *,
     mask: KeyMask | None = None,
     device: torch.device | None = None,
+    num_workers: int = 2,
     desc: str = "train-ddp",
     progress: bool = True,
 ) -> TrainReport:
     """Train ``model`` on ``train`` with DDP across the current process group; with ``mask``
-    only the key changes. ``cfg.batch_size`` is per rank. Returns rank-local timings."""
+    only the key changes. ``train`` is an in-memory ImageSet (index shards) or any Dataset
+    (streamed by ``num_workers`` loader processes per rank). ``cfg.batch_size`` is per rank.
+    Returns rank-local timings."""
     if not dist.is_initialized():
         raise ConfigError("fit_distributed needs a process group; call init_distributed() first")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -91,14 +117,19 @@ def fit_distributed(
     # all-reduces) only keyed parameters, and its masking hooks run before the reduction.
     guard = KeyGuard(model, mask) if mask is not None else None
     ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if isinstance(train, ImageSet):
+        epoch_batches = index_epochs(
+            train, lambda: shard_batches(len(train), cfg.batch_size, g, rank, world)
+        )
+        steps = math.ceil((len(train) // world) / cfg.batch_size)
+    else:
+        epoch_batches, steps = sharded_loader(train, cfg, rank, world, num_workers)
     report = run_loop(
         model,
         cfg,
         forward=ddp,
-        epoch_batches=index_epochs(
-            train, lambda: shard_batches(len(train), cfg.batch_size, g, rank, world)
-        ),
-        steps_per_epoch=math.ceil((len(train) // world) / cfg.batch_size),
+        epoch_batches=epoch_batches,
+        steps_per_epoch=steps,
         device=dev,
         guard=guard,
         desc=desc,

@@ -1,4 +1,7 @@
-"""Evaluation helpers: accuracy, per-class accuracy, chance level, authorized vs unauthorized."""
+"""Evaluation helpers: accuracy, per-class accuracy, chance level, authorized vs unauthorized.
+
+Every helper takes an in-memory ImageSet or a DataLoader of ``(x, y)`` batches (see
+:mod:`adaloc.streaming`)."""
 
 from __future__ import annotations
 
@@ -10,40 +13,60 @@ from torch import nn
 from adaloc.device import autocast, best_device
 
 
+def _batches(data, batch_size: int):
+    """(x, y) batches of an in-memory ImageSet, or whatever a DataLoader yields."""
+    if hasattr(data, "x"):
+        for start in range(0, len(data.y), batch_size):
+            yield data.x[start : start + batch_size], data.y[start : start + batch_size]
+    else:
+        yield from data
+
+
 @torch.no_grad()
-def logits(
+def outputs(
     model: nn.Module,
     data,
     *,
     input_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     batch_size: int = 256,
     device: str | torch.device | None = None,
-) -> torch.Tensor:
-    """Raw outputs ``[N, K]`` (float32, on the CPU) of ``model`` on ``data``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw outputs ``[N, K]`` (float32, on the CPU) of ``model`` on ``data`` and its labels.
 
-    Convolutional models run in channels-last layout (on the 2-core CPU here the recipe's
-    CNN scored 2,000 images in 0.3 s instead of 1.0 s) and get their usual layout back
-    afterwards, even on error: state dicts, key masks and safetensors files always see
-    contiguous tensors.
+    ``data`` is an ImageSet or a DataLoader of ``(x, y)`` batches (the streaming path: one
+    pass, nothing but the outputs kept). Convolutional models run in channels-last layout
+    (on the 2-core CPU here the recipe's CNN scored 2,000 images in 0.3 s instead of 1.0 s)
+    and get their usual layout back afterwards, even on error: state dicts, key masks and
+    safetensors files always see contiguous tensors.
     """
     dev = best_device(str(device) if device is not None else None)
     was_training = model.training
     model.to(dev).eval()
-    nhwc = data.x.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
-    fmt = torch.channels_last if nhwc else torch.contiguous_format
-    outs = []
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    outs, labels, nhwc = [], [], False
     try:
-        model.to(memory_format=fmt)
-        for start in range(0, len(data.y), batch_size):
-            x = data.x[start : start + batch_size].to(dev)
+        for xb, yb in _batches(data, batch_size):
+            nhwc = has_conv and xb.dim() == 4
+            fmt = torch.channels_last if nhwc else torch.contiguous_format
+            if not outs:
+                model.to(memory_format=fmt)
+            x = xb.to(dev)
             x = input_fn(x) if input_fn else x
             with autocast(dev):
                 outs.append(model(x.contiguous(memory_format=fmt)).float().cpu())
+            labels.append(yb)
     finally:
         if nhwc:
             model.to(memory_format=torch.contiguous_format)
         model.train(was_training)
-    return torch.cat(outs) if outs else torch.empty(0, 0)
+    if not outs:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def logits(model: nn.Module, data, **kwargs) -> torch.Tensor:
+    """Raw outputs ``[N, K]`` of ``model`` on ``data`` (see :func:`outputs`)."""
+    return outputs(model, data, **kwargs)[0]
 
 
 def probe_accuracy(
@@ -83,17 +106,7 @@ def probe_accuracy(
         return float(((z_test @ w + b).argmax(1) == test_data.y).float().mean())
 
 
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    data,
-    *,
-    input_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    batch_size: int = 256,
-    device: str | torch.device | None = None,
-) -> torch.Tensor:
-    """Predicted class of every sample of ``data`` (an ImageSet); input_fn rewrites inputs."""
-    out = logits(model, data, input_fn=input_fn, batch_size=batch_size, device=device)
+def _predicted(out: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return torch.empty(0, dtype=torch.int64)
     pred = out.argmax(1)
@@ -101,21 +114,38 @@ def predict(
     return pred
 
 
+def predict(model: nn.Module, data, **kwargs) -> torch.Tensor:
+    """Predicted class of every sample of ``data`` (ImageSet or DataLoader); input_fn rewrites
+    inputs."""
+    return _predicted(outputs(model, data, **kwargs)[0])
+
+
 def accuracy(model: nn.Module, data, **kwargs) -> float:
     """Top-1 accuracy in [0, 1] (NaN outputs count as wrong, never as a class)."""
-    if len(data.y) == 0:
+    out, y = outputs(model, data, **kwargs)
+    if len(y) == 0:
         return float("nan")
-    return float((predict(model, data, **kwargs) == data.y).float().mean())
+    return float((_predicted(out) == y).float().mean())
 
 
 def per_class_accuracy(model: nn.Module, data, num_classes: int, **kwargs) -> list[float]:
     """Accuracy for each class (NaN for a class absent from ``data``)."""
-    pred = predict(model, data, **kwargs)
-    out = []
+    out, y = outputs(model, data, **kwargs)
+    pred = _predicted(out)
+    res = []
     for c in range(num_classes):
-        sel = data.y == c
-        out.append(float((pred[sel] == c).float().mean()) if sel.any() else float("nan"))
-    return out
+        sel = y == c
+        res.append(float((pred[sel] == c).float().mean()) if sel.any() else float("nan"))
+    return res
+
+
+def _num_classes(data) -> int:
+    if hasattr(data, "y"):
+        return int(data.y.max()) + 1
+    classes = getattr(getattr(data, "dataset", None), "classes", None)
+    if classes is None:
+        raise ValueError("num_classes is needed for a loader whose dataset has no .classes")
+    return len(classes)
 
 
 def chance_level(num_classes: int) -> float:
@@ -131,7 +161,7 @@ def evaluate_lock(
 
     authorized = unlock(base, key)
     forged = unlock(base, random_key(key, seed=seed))
-    n = num_classes or int(data.y.max()) + 1
+    n = num_classes or _num_classes(data)
     return {
         "authorized_acc": accuracy(authorized, data, **kwargs),
         "unauthorized_acc": accuracy(base, data, **kwargs),

@@ -16,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.config import PipelineConfig
-from pipelines.data_version import data_version
+from pipelines.data_version import checkout_data, data_version
 
 
 def transient(exc: BaseException | None) -> bool:
@@ -66,6 +66,15 @@ LOCAL = {"cache_policy": NO_CACHE, "persist_result": False}
 def resolve_data_version(dvc_file: str) -> str:
     """md5 of the DVC-tracked data directory (the data version a key version records)."""
     return data_version(dvc_file)
+
+
+@task(name="check out data version", **LOCAL)
+def checkout_data_version(dvc_file: str, *, missing_ok: bool = True) -> str:
+    """The data version to train on, after DVC made the files on disk that version (pulls
+    missing files; refuses, without retries, when they differ from the recorded md5).
+    Flows call it before loading (``missing_ok``: a loader may fill an empty data root)
+    and again after, strictly."""
+    return checkout_data(dvc_file, missing_ok=missing_ok)
 
 
 @task(name="load dataset", **LOCAL)

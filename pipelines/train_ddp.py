@@ -6,6 +6,11 @@
         --dataset digits --mode key --init runs/ddp/base.safetensors \\
         --key runs/ddp/key.safetensors --out runs/ddp/keyed.safetensors
 
+    torchrun --standalone --nproc_per_node 2 -m pipelines.train_ddp \\
+        --dataset imagefolder:runs/images --stream --num-workers 2 --mode key ...
+
+``--stream`` reads an ``imagefolder:PATH`` set lazily (adaloc.streaming: ImageFolder +
+DataLoader workers + DistributedSampler) instead of loading it into memory.
 ``--mode full`` trains the whole network (the owner's base training); ``--mode key`` trains
 only the key positions of the mask stored in ``--key`` (an adaloc key artifact). gloo on
 CPU, nccl on CUDA (one process per GPU). Rank 0 writes ``--out`` (safetensors state dict)
@@ -43,6 +48,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stage", type=int, default=0, help="stage index with --updates")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="read --dataset imagefolder:PATH lazily through DataLoader workers",
+    )
+    p.add_argument("--num-workers", type=int, default=2, help="loader processes per rank")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True)
     return p
@@ -68,12 +79,25 @@ def main(args: argparse.Namespace) -> dict | None:
 
     if args.mode == "key" and not args.key:
         raise ConfigError("--mode key needs --key KEY_FILE (whose mask is trained)")
+    if args.stream and (not args.dataset.startswith("imagefolder:") or args.updates):
+        raise ConfigError(
+            f"--stream reads --dataset imagefolder:PATH (got {args.dataset!r}) "
+            "and cannot be combined with --updates"
+        )
     rank, world, device = init_distributed(args.device)
     try:
-        bundle = load_dataset(args.dataset, args.data_root)
+        if args.stream:
+            from adaloc.streaming import stream_dataset
+
+            bundle = stream_dataset(args.dataset.removeprefix("imagefolder:"))
+        else:
+            bundle = load_dataset(args.dataset, args.data_root)
         if args.train_limit:
-            bundle.train = bundle.train.subset(
-                torch.arange(min(args.train_limit, len(bundle.train)))
+            keep = range(min(args.train_limit, len(bundle.train)))
+            bundle.train = (
+                torch.utils.data.Subset(bundle.train, list(keep))
+                if args.stream
+                else bundle.train.subset(torch.arange(len(keep)))
             )
         train = bundle.train
         if args.updates:
@@ -98,7 +122,9 @@ def main(args: argparse.Namespace) -> dict | None:
             seed=args.seed,
             device=str(device),
         )
-        report = fit_distributed(model, train, cfg, mask=mask, device=device)
+        report = fit_distributed(
+            model, train, cfg, mask=mask, device=device, num_workers=args.num_workers
+        )
         agree = ranks_agree(model)
         if rank != 0:
             return None
@@ -109,6 +135,7 @@ def main(args: argparse.Namespace) -> dict | None:
             "world_size": world,
             "backend": "nccl" if device.type == "cuda" else "gloo",
             "mode": args.mode,
+            "stream": args.stream,
             "steps": report.steps,
             "seconds": report.seconds,
             "losses": report.losses,

@@ -107,6 +107,7 @@ def mlflow_server(
     *,
     s3: S3Endpoint | None = None,
     s3_url: str | None = None,
+    backend_store_uri: str | None = None,
     timeout_s: float = 240.0,
     port: int | None = None,
 ) -> Iterator[MlflowServer]:
@@ -114,7 +115,8 @@ def mlflow_server(
 
     ``s3_url`` overrides the S3 endpoint the server (and the presigned download URLs it hands
     to clients) uses, e.g. a :func:`shaped_link` in front of ``s3``. Several servers may
-    share one ``root`` (the same store). Runs in its own session so the whole process group
+    share one ``root`` (the same store). ``backend_store_uri`` replaces the sqlite file
+    (e.g. ``postgresql+psycopg://...``). Runs in its own session so the whole process group
     is stopped at exit.
     """
     root = Path(root)
@@ -123,7 +125,7 @@ def mlflow_server(
     destination = f"s3://{s3.bucket}/mlartifacts" if s3 else (root / "artifacts").as_uri()
     cmd = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}",
         "--artifacts-destination", destination,
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip

@@ -17,6 +17,18 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ ! -d data/fashion-mnist ]; th
   fi
 fi
 
+# PostgreSQL 15 for the MLflow-on-PostgreSQL tests (tests/pg_server.py initdb's a throwaway
+# cluster; nothing is started here).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian's postgresql-15 (MLflow-on-PostgreSQL tests)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null
+  else
+    echo "setup: initdb not found; run 'sudo apt-get install postgresql-15'" \
+         "for the PostgreSQL tests" >&2
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv

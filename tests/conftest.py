@@ -30,3 +30,23 @@ def mlflow_server(s3_endpoint, tmp_path_factory) -> Iterator:
 
     with mlflow_server(tmp_path_factory.mktemp("mlflow-server"), s3=s3_endpoint) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL (initdb in a temp dir) on 127.0.0.1, stopped as a group."""
+    from tests.pg_server import postgres_server
+
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_pg_server(postgres, s3_endpoint, tmp_path_factory) -> Iterator:
+    """`mlflow server` with its backend store on PostgreSQL and artifacts on S3 (moto)."""
+    from registry.local_servers import mlflow_server
+
+    uri = postgres.create_database("mlflow")
+    root = tmp_path_factory.mktemp("mlflow-pg")
+    with mlflow_server(root, s3=s3_endpoint, backend_store_uri=uri) as server:
+        yield server

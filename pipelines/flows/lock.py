@@ -43,8 +43,9 @@ def lock_flow(
     require_sites(owner)
     work = T.scratch_dir()
 
-    data_version = T.resolve_data_version(cfg.dvc_file)
+    data_version = T.checkout_data_version(cfg.dvc_file)
     bundle = T.load_data(cfg)
+    T.checkout_data_version(cfg.dvc_file, missing_ok=False)  # the files loaded
     stages = T.make_stages(bundle, cfg)
     model = T.build_model(bundle, cfg)
     if nproc > 1:

@@ -45,8 +45,9 @@ def update_flow(
     if latest is None:
         raise RuntimeError(f"no key version of {cfg.name!r} is published; run the lock flow first")
     version, parent = latest.version + 1, latest.version
-    data_version = T.resolve_data_version(cfg.dvc_file)
+    data_version = T.checkout_data_version(cfg.dvc_file)
     bundle = T.load_data(cfg)
+    T.checkout_data_version(cfg.dvc_file, missing_ok=False)  # the files loaded
     stage = T.make_stages(bundle, cfg)[T.stage_for_version(version, cfg.updates)]
     log.info("key v%d: key-only training on stage %r (parent v%d)", version, stage.name, parent)
 

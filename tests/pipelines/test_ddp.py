@@ -12,7 +12,7 @@ import torch
 pytestmark = pytest.mark.slow
 
 
-def _torchrun(tmp_path, *args: str) -> dict:
+def _torchrun(tmp_path, *args: str, dataset: str = "digits") -> dict:
     out = tmp_path / f"{args[args.index('--mode') + 1]}.safetensors"
     cmd = [
         sys.executable,
@@ -23,7 +23,7 @@ def _torchrun(tmp_path, *args: str) -> dict:
         "-m",
         "pipelines.train_ddp",
         "--dataset",
-        "digits",
+        dataset,
         "--epochs",
         "1",
         "--batch-size",
@@ -75,6 +75,48 @@ def test_ddp_two_gloo_processes_keep_key_only_guarantee(tmp_path):
     assert outside_key_sha256(model, mask) == keyed["outside_key_sha256_before"]
     changed = [n for n in after if not torch.equal(after[n], before[n])]
     assert changed and set(changed) <= set(mask.names), f"moved outside the key: {changed}"
+
+
+def test_ddp_key_only_update_on_the_streaming_path(tmp_path):
+    """2 gloo ranks, each reading its DistributedSampler shard of a PNG folder through
+    DataLoader workers: only key positions move, every other value stays bit-identical."""
+    from safetensors.torch import load_file, save_file
+
+    from adaloc.artifact import save_key
+    from adaloc.data import load_dataset
+    from adaloc.keys import KeySpec, select_key
+    from adaloc.lock import lock, outside_key_sha256
+    from adaloc.models import build_model
+    from adaloc.streaming import write_image_folder
+
+    bundle = load_dataset("digits")
+    n = write_image_folder(bundle.train, tmp_path / "png" / "train")
+    write_image_folder(bundle.test, tmp_path / "png" / "test")
+    torch.manual_seed(0)
+    model = build_model("cnn", in_channels=1, num_classes=10, image_size=bundle.image_size)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "init.st")
+    mask = select_key(model, KeySpec(budget=0.05))
+    save_key(lock(model, mask)[1], tmp_path / "key.safetensors")
+    before = load_file(tmp_path / "init.st")
+
+    keyed = _torchrun(
+        tmp_path,
+        "--mode", "key", "--stream", "--num-workers", "1",
+        "--init", str(tmp_path / "init.st"), "--key", str(tmp_path / "key.safetensors"),
+        "--optimizer", "adamw",
+        dataset=f"imagefolder:{tmp_path / 'png'}",
+    )  # fmt: skip
+    assert keyed["stream"] and keyed["ranks_agree"], "the two ranks ended with different weights"
+    assert keyed["steps"] == -(-(n // 2) // 32), "each rank should walk half of the folder"
+    assert keyed["outside_key_sha256_after"] == keyed["outside_key_sha256_before"]
+    after = load_file(keyed["path"])
+    model.load_state_dict(after)
+    assert outside_key_sha256(model, mask) == keyed["outside_key_sha256_before"]
+    for name in after:
+        if name not in mask.names:
+            assert torch.equal(after[name], before[name]), f"{name} moved outside the key"
+    changed = [name for name in after if not torch.equal(after[name], before[name])]
+    assert changed and set(changed) <= set(mask.names)
 
 
 def test_lock_flow_trains_the_base_with_torchrun(tmp_path, prefect_api):

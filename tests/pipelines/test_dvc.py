@@ -1,5 +1,6 @@
 """DVC: data.dvc names the data version; a real `dvc push`/`pull` through the S3 remote
-against the moto endpoint; a changed data directory is a new data version."""
+against the moto endpoint; a changed data directory is a new data version; a flow that
+trains pulls the recorded version and refuses files that don't match it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import sys
 
 import pytest
 
-from pipelines.data_version import UNTRACKED, data_changed, data_version, dvc
+from pipelines.data_version import (
+    UNTRACKED,
+    DataVersionMismatch,
+    checkout_data,
+    data_changed,
+    data_version,
+    dvc,
+)
 from tests.pipelines.conftest import REPO, copy_data
 
 pytestmark = pytest.mark.slow
@@ -64,3 +72,44 @@ def test_dvc_push_pull_through_s3_remote(tmp_path, s3_endpoint):
         text=True,
     )
     assert "new" in proc.stdout  # the new version is not pushed yet
+
+
+def test_training_data_is_the_recorded_version(tmp_path, prefect_api):
+    """A worker without the files pulls them from the DVC remote; changed files (or another
+    version asked for) stop the flow before it trains, and nothing on disk is overwritten."""
+    from pipelines.flows.lock import lock_flow
+    from registry import KeyRegistry
+    from tests.pipelines.conftest import make_owner_and_site, tiny_overrides
+
+    project = tmp_path / "project"
+    data = copy_data(project)
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    dvc("init", "-q", cwd=project)
+    dvc("remote", "add", "-d", "store", str(tmp_path / "remote"), cwd=project)
+    dvc("add", "data", cwd=project)
+    dvc("push", cwd=project)
+    dvc_file = project / "data.dvc"
+    version = data_version(dvc_file)
+    assert checkout_data(dvc_file) == version
+
+    shutil.rmtree(data)  # a worker that never had the files
+    shutil.rmtree(project / ".dvc" / "cache")
+    assert checkout_data(dvc_file, expected=version) == version
+    cmp = filecmp.dircmp(REPO / "data" / "fashion-mnist", data / "fashion-mnist")
+    assert not cmp.diff_files and not cmp.left_only, (cmp.diff_files, cmp.left_only)
+
+    with pytest.raises(DataVersionMismatch, match="not the 0+.dir asked for"):
+        checkout_data(dvc_file, expected="0" * 32 + ".dir")
+
+    labels = data / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz"
+    changed = labels.read_bytes() + b"x"
+    labels.write_bytes(changed)
+    with pytest.raises(DataVersionMismatch, match="refusing to train"):
+        checkout_data(dvc_file)
+    assert labels.read_bytes() == changed, "the changed file was overwritten"
+
+    ov = tiny_overrides(tmp_path, name="dvcguard", data_root=str(data), dvc_file=str(dvc_file))
+    make_owner_and_site(tmp_path, ov)
+    with pytest.raises(DataVersionMismatch, match="modified"):
+        lock_flow(overrides=ov, progress=False)
+    assert KeyRegistry(ov["tracking_uri"], "dvcguard").history() == []

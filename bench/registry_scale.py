@@ -1,0 +1,219 @@
+"""Issue 15: does the registry slow down as key versions pile up?
+
+On a real ``mlflow server`` (+ moto S3) on 127.0.0.1 the owner publishes key versions
+1..``--versions`` of one locked CNN through the public ``KeyRegistry.publish_key`` API (each
+a key-only update of the previous one), promoting each to ``production``. A second model on the
+same server keeps a single key version. At each checkpoint (1, 10, 100, 1000 versions) it
+times both models, interleaved run by run so both see the same load, median of
+``--repeats``:
+
+- ``resolve``: ``KeyRegistry.resolve("production")`` from a fresh registry object;
+- ``pull``: ``Site.pull("production")`` from a fresh ``Site`` object whose installed model
+  was deleted, so every pull resolves, downloads the sealed key, verifies, decrypts, applies
+  and installs it (the base stays in the site's disk cache: it is fetched once per site).
+
+Reported: the ratio many/one at each checkpoint. Target: <= 2x at 1,000 versions.
+
+    python bench/registry_scale.py --out runs/registry-scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from adaloc.artifact import ModelCard, save_base
+from adaloc.keys import KeySpec, select_key
+from adaloc.lock import Key, lock, state_sha256, unlock
+from adaloc.models import build_model
+
+MODEL = {"in_channels": 1, "num_classes": 10, "image_size": 28}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line options of the benchmark."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--versions", type=int, default=1000)
+    p.add_argument("--checkpoints", default="1,10,100,1000")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", default="runs/registry-scale")
+    return p
+
+
+def _timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _git(*args: str) -> str:
+    proc = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+    return proc.stdout.strip()
+
+
+def _probes(reg_uri: str, name: str, site_dir: Path, version: int, sha: str):
+    from registry import KeyRegistry, Site
+
+    def resolve():
+        kv = KeyRegistry(reg_uri, name).resolve("production")
+        assert kv.version == version
+
+    def pull():
+        site = Site(site_dir)
+        site.model_path.unlink(missing_ok=True)  # force a full install of the same version
+        r = site.pull("production")
+        assert r.version == version and r.model_sha256 == sha, "site model differs"
+        # Deleting the model forced a full install on the pre-signed-records site layout;
+        # on a layout where it does not, fail rather than time a no-op pull.
+        assert r.changed, "the pull installed nothing: this site layout needs another way"
+
+    return resolve, pull
+
+
+def measure(reg_uri: str, many: tuple, one: tuple, repeats: int) -> dict:
+    """Median resolve and pull times of the model with many versions and of the model with
+    one, interleaved run by run so both see the same machine load."""
+    probes = {"many": _probes(reg_uri, *many), "one": _probes(reg_uri, *one)}
+    for resolve, pull in probes.values():
+        resolve(), pull()  # untimed warm-up (first presigned URL, imports)
+    runs = {f"{k}_{op}": [] for k in probes for op in ("resolve", "pull")}
+    for _ in range(repeats):
+        for k, (resolve, pull) in probes.items():
+            runs[f"{k}_resolve"] += _timed(resolve, 1)
+            runs[f"{k}_pull"] += _timed(pull, 1)
+    row = {"versions": many[2], **{f"{k}_s": statistics.median(v) for k, v in runs.items()}}
+    row["resolve_ratio"] = row["many_resolve_s"] / row["one_resolve_s"]
+    row["pull_ratio"] = row["many_pull_s"] / row["one_pull_s"]
+    return row | {"runs": runs}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Median resolve and pull time vs number of key versions (log x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r["versions"] for r in rows]
+    ax.plot(xs, [r["resolve_ratio"] for r in rows], "o-", label='resolve("production")')
+    ax.plot(xs, [r["pull_ratio"] for r in rows], "s-", label='Site.pull("production")')
+    ax.axhline(2.0, color="grey", ls="--", label="target (2x)")
+    ax.set_xscale("log")
+    ax.set_xlabel("published key versions")
+    ax.set_ylabel("time vs a model with 1 version (ratio)")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    ax.set_title("registry at scale (mlflow server + S3 on loopback)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _one_version_model(uri: str, work: Path, owner) -> tuple:
+    """A second locked model on the same server with a single key version, and its site."""
+    from registry import KeyRegistry, Site
+
+    torch.manual_seed(1)
+    model = build_model("cnn", **MODEL)
+    spec = KeySpec(budget=0.05)
+    base, key = lock(model, select_key(model, spec))
+    card = ModelCard("cnn", dict(MODEL), 10, [1, 28, 28], spec.to_dict())
+    saved = save_base(base, card, work / "base-one")
+    reg = KeyRegistry(uri, "one")
+    reg.publish_base(work / "base-one", base_sha256=saved["sha256"])
+    sha = state_sha256(unlock(base, key))
+    site = Site.init(work / "site-one", site_id="site-one", tracking_uri=uri, model_name="one",
+                     owner_public_pem=owner.owner_public_pem)  # fmt: skip
+    owner.add_site("site-one", site.public_key_pem)
+    reg.publish_key(key, owner=owner, model_sha256=sha, key_spec=spec.to_dict())
+    reg.promote(1)
+    return "one", work / "site-one", 1, sha
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Publish versions, measure at each checkpoint, write JSON + PNG."""
+    from registry import KeyRegistry, OwnerKeyring, Site
+    from registry.local_servers import mlflow_server, moto_s3
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    torch.set_num_threads(1)
+    checkpoints = sorted(int(c) for c in args.checkpoints.split(",") if int(c) <= args.versions)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    code = {"head": _git("rev-parse", "HEAD"), "branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
+            "main": _git("rev-parse", "main")}  # fmt: skip
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, moto_s3("scale") as s3:
+        work = Path(tmp)
+        with mlflow_server(work / "server", s3=s3, timeout_s=900) as server:
+            uri, name = server.tracking_uri, "scale"
+            reg = KeyRegistry(uri, name)
+            owner = OwnerKeyring.init(work / "owner")
+            site = Site.init(work / "site", site_id="site-1", tracking_uri=uri, model_name=name,
+                             owner_public_pem=owner.owner_public_pem)  # fmt: skip
+            owner.add_site("site-1", site.public_key_pem)
+            one = _one_version_model(uri, work, owner)
+            torch.manual_seed(0)
+            model = build_model("cnn", **MODEL)
+            spec = KeySpec(budget=0.05)
+            base, key = lock(model, select_key(model, spec))
+            card = ModelCard("cnn", dict(MODEL), 10, [1, 28, 28], spec.to_dict())
+            saved = save_base(base, card, work / "base")
+            reg.publish_base(work / "base", base_sha256=saved["sha256"])
+            g, rows, publish_s = torch.Generator().manual_seed(1), [], []
+            for v in tqdm(range(1, args.versions + 1), desc="publish", unit="version"):
+                if v > 1:  # a key-only update: only the values at the key positions change
+                    values = {n: t + 0.01 * torch.randn(t.shape, generator=g)
+                              for n, t in key.values.items()}  # fmt: skip
+                    key = Key(key.mask, values, key.base_sha256, version=v, parent=v - 1)
+                sha = state_sha256(unlock(base, key))
+                t = time.perf_counter()
+                reg.publish_key(key, owner=owner, model_sha256=sha, key_spec=spec.to_dict(),
+                                metrics={"bench": 1.0})  # fmt: skip
+                reg.promote(v)
+                publish_s.append(time.perf_counter() - t)
+                if v in checkpoints:
+                    rows.append(measure(uri, (name, work / "site", v, sha), one, args.repeats))
+                    r = rows[-1]
+                    partial = {"rows": rows, "code": code, "partial": v < args.versions}
+                    (out / "registry_scale.json").write_text(json.dumps(partial, indent=2))
+                    tqdm.write(f"{v} versions: resolve {r['many_resolve_s'] * 1e3:.0f} vs "
+                               f"{r['one_resolve_s'] * 1e3:.0f} ms ({r['resolve_ratio']:.2f}x), "
+                               f"pull {r['many_pull_s'] * 1e3:.0f} vs {r['one_pull_s'] * 1e3:.0f}"
+                               f" ms ({r['pull_ratio']:.2f}x)")  # fmt: skip
+    last = rows[-1]
+    result = {
+        "rows": rows,
+        "versions_reached": last["versions"],
+        "resolve_ratio": last["resolve_ratio"],
+        "pull_ratio": last["pull_ratio"],
+        "publish_s_median_first_10": statistics.median(publish_s[:10]),
+        "publish_s_median_last_10": statistics.median(publish_s[-10:]),
+        "setup": "mlflow server --workers 1 (sqlite) + moto S3 on 127.0.0.1",
+        "code": code,
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "load_avg_at_end": os.getloadavg(),
+        "wall_s": time.perf_counter() - t_start,
+    }
+    (out / "registry_scale.json").write_text(json.dumps(result, indent=2))
+    plot(rows, out / "registry_scale.png")
+    print(f"{last['versions']} versions vs 1: resolve {result['resolve_ratio']:.2f}x, "
+          f"pull {result['pull_ratio']:.2f}x")  # fmt: skip
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
