@@ -68,8 +68,8 @@ def _nudge(name: str, t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, mlflow_server):
-    from registry.site import Site
     from registry.keyring import OwnerKeyring
+    from registry.site import Site
     from registry.store import KeyRegistry
 
     tmp_path = tmp_path_factory.mktemp("serve")
