@@ -253,6 +253,8 @@ class Site(SiteInstalled):
             lock.release()
 
     def _pull_locked(self, ref, allow_rollback: bool, progress) -> PullResult:
+        # Local files first: a damaged site.key fails before anything is fetched or written.
+        F.load_site_key(self.directory / SITE_PRIVATE_FILE)
         seconds, t0 = {}, time.perf_counter()
         ts, root = self._signed_state(allow_rollback)
         reg = self.registry()
