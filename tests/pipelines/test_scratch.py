@@ -17,16 +17,19 @@ def _ok_flow() -> str:
     return str(path)
 
 
+_MADE: list[str] = []  # module-level: Prefect validates (copies) list parameters
+
+
 @flow(name="scratch-fails", **HOOKS)
-def _failing_flow(box: list) -> None:
-    box.append(scratch_dir())
+def _failing_flow() -> None:
+    _MADE.append(scratch_dir())
     raise RuntimeError("training diverged")
 
 
 def test_scratch_removed_after_success_and_failure(prefect_api):
     path = Path(_ok_flow())
     assert path.name.startswith("adaloc-") and not path.exists()
-    box: list = []
+    _MADE.clear()
     with pytest.raises(RuntimeError, match="diverged"):
-        _failing_flow(box)
-    assert box and not Path(box[0]).exists()
+        _failing_flow()
+    assert _MADE and not Path(_MADE[0]).exists()
