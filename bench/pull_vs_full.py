@@ -190,9 +190,9 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
     ``registry.loader.swap_key`` writes the keyed tensors around the base already in memory
     (what ``adaloc serve`` does).
     """
+    from registry.keyring import OwnerKeyring
     from registry.loader import load_model, swap_key
     from registry.site import Site
-    from registry.sites import OwnerKeyring
     from registry.store import KeyRegistry
 
     # A fresh name per run: a given (shared) server may hold earlier bench runs.

@@ -230,7 +230,7 @@ def registry_promote(
     as_json: AsJson = False,
 ) -> None:
     """Sign "ALIAS (default production) = key version REF" with the owner key."""
-    from registry.sites import OwnerKeyring
+    from registry.keyring import OwnerKeyring
 
     owner = OwnerKeyring(owner_dir)
     kw = {}
@@ -257,7 +257,7 @@ def registry_sign_timestamp(
     as_json: AsJson = False,
 ) -> None:
     """Re-sign the timestamp record (new expiry); the retrain flow does this on schedule."""
-    from registry.sites import OwnerKeyring
+    from registry.keyring import OwnerKeyring
 
     counter = _registry(tracking_uri, registry_uri, root, model).sign_timestamp(
         OwnerKeyring(owner_dir)
@@ -290,8 +290,8 @@ def registry_rotate_key(
     as_json: AsJson = False,
 ) -> None:
     """Rotate the owner signing key: a new root record signed by the old and the new key."""
+    from registry.keyring import OwnerKeyring
     from registry.release import rotate_root
-    from registry.sites import OwnerKeyring
 
     reg = _registry(tracking_uri, registry_uri, root, model)
     new_root = rotate_root(

@@ -25,10 +25,10 @@ from registry.errors import (
     VersionConflictError,
 )
 from registry.fetch import fetch
+from registry.keyring import OwnerKeyring
 from registry.mlflow_io import git_sha
 from registry.records import BaseVersion, KeyVersion
 from registry.sealing import read_header, verify_sealed
-from registry.sites import OwnerKeyring
 
 
 def canonical_safetensors(data: bytes) -> bytes:

@@ -12,8 +12,8 @@ from mlflow import MlflowClient
 
 from adaloc.formats import sha256_file
 from adaloc.lock import state_sha256
+from registry.keyring import OwnerKeyring
 from registry.site import Site
-from registry.sites import OwnerKeyring
 from registry.store import KeyRegistry
 from tests.registry.conftest import make_locked, plain_key_bytes, publish, run_cli
 

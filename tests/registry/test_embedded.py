@@ -10,9 +10,9 @@ import pytest
 from mlflow import MlflowClient
 
 from registry.errors import NotFoundError, VersionConflictError
+from registry.keyring import OwnerKeyring
 from registry.mlflow_io import embedded_uris
 from registry.site import Site
-from registry.sites import OwnerKeyring
 from registry.store import KeyRegistry
 from tests.registry.conftest import publish, run_cli
 

@@ -22,9 +22,9 @@ import pytest
 from adaloc.artifact import save_key
 from adaloc.lock import Key
 from registry.errors import RegistryError
+from registry.keyring import OwnerKeyring
 from registry.local_servers import S3Endpoint, free_port, mlflow_server
 from registry.site import Site
-from registry.sites import OwnerKeyring
 from registry.store import KeyRegistry
 from tests.registry.conftest import installed_bytes, make_locked, publish
 
@@ -38,7 +38,7 @@ ZYGOTE = """
 import json, os, sys
 from adaloc.artifact import load_key
 from registry.site import Site
-from registry.sites import OwnerKeyring
+from registry.keyring import OwnerKeyring
 from registry.store import KeyRegistry
 
 def run(job):

@@ -14,8 +14,8 @@ import shutil
 import pytest
 
 from registry.errors import BaseMismatchError
+from registry.keyring import OwnerKeyring
 from registry.site import Site
-from registry.sites import OwnerKeyring
 from registry.store import KeyRegistry
 from tests.registry.conftest import installed_bytes, make_locked, publish, run_cli
 

@@ -11,10 +11,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from registry import trust as T
 from registry.errors import ExpiredError, NotFoundError, SiteFileError, TrustError
+from registry.keyring import OwnerKeyring
 from registry.mlflow_io import embedded_uris
 from registry.sealing import generate_site_keys, key_fingerprint, public_pem_of
 from registry.site import Site
-from registry.sites import OwnerKeyring
 from registry.store import KeyRegistry
 from tests.registry.conftest import publish, run_cli
 
