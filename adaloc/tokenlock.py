@@ -31,14 +31,8 @@ from torch import nn
 
 from adaloc.errors import ConfigError
 from adaloc.evaluate import accuracy
-from adaloc.token import (
-    Token,
-    corner_position,
-    forged_tensors,
-    near_tensors,
-    paste,
-    random_positions,
-)
+from adaloc.token import Token, corner_position, paste, random_positions
+from adaloc.token_forgery import forged_tensors, near_tensors
 
 NEAR_FRAC = 0.5  # hardened recipe and flows: share of the random decoys made near misses
 
@@ -309,7 +303,7 @@ def token_lock_metrics(
     they leak whatever decision rule an attacker uses (see adaloc.evaluate.probe_accuracy).
     """
     from adaloc.evaluate import probe_accuracy
-    from adaloc.token import near_tokens, random_tokens
+    from adaloc.token_forgery import near_tokens, random_tokens
 
     kw = {"batch_size": batch_size}
     out = {

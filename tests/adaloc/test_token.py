@@ -19,12 +19,9 @@ from adaloc.token import (
     MIN_SECRET_BITS,
     PATTERNS,
     Token,
-    forged_tensors,
-    near_tensors,
-    near_tokens,
-    random_tokens,
     stamp,
 )
+from adaloc.token_forgery import forged_tensors, near_tensors, near_tokens, random_tokens
 
 FIXED_COUNTS = {"pixel": 1, "dots3x3-diagonal": 3, "dots3x3-die5": 5, "square3x3": 9}
 
