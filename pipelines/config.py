@@ -150,6 +150,11 @@ class PipelineConfig(VersionedConfig):
         "DVC's remote is configured in .dvc/config)",
     )
     owner_dir: str = Field("", description="owner keyring folder; empty = ADALOC_HOME/owner")
+    key_cache: bool | None = Field(
+        None,
+        description="keep plain key versions in OWNER_DIR/keys (a cache: the registry holds "
+        "the owner's sealed copy); empty = ADALOC_KEY_CACHE, default on",
+    )
     token: TokenPattern = Field(
         "", description="M-LOCK token pattern for a two-factor lock; empty = off"
     )
@@ -198,6 +203,8 @@ class PipelineConfig(VersionedConfig):
                 s.home.mkdir(parents=True, exist_ok=True)
         if not self.owner_dir:
             changes["owner_dir"] = str(s.owner.resolve())
+        if self.key_cache is None:
+            changes["key_cache"] = s.key_cache
         if not self.s3_endpoint and s.s3_endpoint:
             changes["s3_endpoint"] = s.s3_endpoint
         return self.replace(**changes) if changes else self

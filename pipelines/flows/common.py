@@ -39,13 +39,14 @@ def open_registry(cfg: PipelineConfig):
     return KeyRegistry(cfg.tracking_uri, cfg.name, artifact_location=cfg.artifact_location or None)
 
 
-def open_owner(cfg: PipelineConfig):
-    """The owner's keyring (signing key + authorized sites); created on first use."""
+def open_owner(cfg: PipelineConfig, *, create: bool = True):
+    """The owner's keyring (signing and recipient keys + authorized sites); created on first
+    use when ``create`` (a flow that only reads opens an existing one)."""
     from pathlib import Path
 
     from registry import OwnerKeyring
 
-    if (Path(cfg.owner_dir) / "owner.key").exists():
+    if not create or (Path(cfg.owner_dir) / "owner.key").exists():
         return OwnerKeyring(cfg.owner_dir)
     return OwnerKeyring.init(cfg.owner_dir)
 
