@@ -34,7 +34,7 @@ def evaluate_flow(
     stage = T.make_stages(bundle, cfg)[T.stage_for_version(kv.version, cfg.updates)]
     base = T.download_base(registry, kv.base_sha256, f"{work}/base")
     key, sealed_token = T.load_owner_key(
-        registry, owner, cfg.owner_dir, kv.version, cache=cfg.key_cache
+        registry, owner, cfg.owner_dir, kv.version, cache=cfg.caches_keys
     )
     metrics = T.evaluate(base, key, stage.test, version=kv.version, seed=cfg.seed)
     token = TT.load_token(cfg, sealed_token) if cfg.token else None

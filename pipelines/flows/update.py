@@ -53,7 +53,7 @@ def update_flow(
 
     base = T.download_base(registry, latest.base_sha256, f"{work}/base")
     key, sealed_token = T.load_owner_key(
-        registry, owner, cfg.owner_dir, parent, cache=cfg.key_cache
+        registry, owner, cfg.owner_dir, parent, cache=cfg.caches_keys
     )
     token = TT.load_token(cfg, sealed_token) if cfg.token else None
     if token is None:
@@ -86,7 +86,7 @@ def update_flow(
         key_spec=cfg.key_spec().to_dict(),
         aliases=("candidate",),
         token=token,
-        owner_dir=cfg.owner_dir if cfg.key_cache else None,
+        owner_dir=cfg.owner_dir if cfg.caches_keys else None,
     )
     version = kv.version  # MLflow's number: a concurrent publisher may have taken ours
     if passed and promote:
