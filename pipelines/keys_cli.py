@@ -62,7 +62,8 @@ def keys_owner_init(
     passphrase_file: PassphraseFile = None,
     as_json: AsJson = False,
 ) -> None:
-    """Create the owner's Ed25519 signing key (owner.key 0600) and an empty site list."""
+    """Create the owner's Ed25519 signing key (owner.key 0600), X25519 recipient key
+    (owner-recipient.key 0600: every key version is sealed for it too) and an empty site list."""
     from registry.keyring import OwnerKeyring
     from registry.sealing import key_fingerprint
 
@@ -71,6 +72,7 @@ def keys_owner_init(
     info = {
         "directory": str(directory),
         "owner_key": key_fingerprint(keyring.owner_public_pem),
+        "recipient_key": key_fingerprint(keyring.recipient_public_pem()),
         "encrypted": passphrase is not None,
     }
     _emit(
