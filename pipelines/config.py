@@ -150,6 +150,11 @@ class PipelineConfig(VersionedConfig):
         "DVC's remote is configured in .dvc/config)",
     )
     owner_dir: str = Field("", description="owner keyring folder; empty = ADALOC_HOME/owner")
+    owner_secret_block: str = Field(
+        "",
+        description="Prefect Secret block holding the owner keyring (`adaloc keys "
+        "secret-block`); empty = the keyring folder owner_dir",
+    )
     key_cache: Literal["", "on", "off"] = Field(
         "",
         description="keep plain key versions in OWNER_DIR/keys, a cache (the registry holds "

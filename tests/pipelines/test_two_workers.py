@@ -83,11 +83,17 @@ def _worker_env(server, folder: Path, secrets: Path, tracking_uri: str, s3_url: 
     }
 
 
-def _deploy(server, flow_name: str, pool: str, entrypoint: str, workdir: Path) -> str:
-    """A deployment of ``entrypoint`` (absolute: the code is on every worker) on ``pool``,
-    run in the worker's own project folder."""
+def _deploy(server, flow, pool: str, workdir: Path) -> str:
+    """A deployment of ``flow`` (entrypoint: its file, absolute - the code is on every
+    worker) on ``pool``, run in the worker's own project folder."""
+    import inspect
+
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.utilities.callables import parameter_schema
+
+    flow_name = flow.name
+    entrypoint = f"{inspect.getsourcefile(flow.fn)}:{flow.fn.__name__}"
 
     step = {"prefect.deployments.steps.set_working_directory": {"directory": str(workdir)}}
     with (
@@ -100,6 +106,7 @@ def _deploy(server, flow_name: str, pool: str, entrypoint: str, workdir: Path) -
             work_pool_name=pool,
             entrypoint=entrypoint,
             pull_steps=[step],
+            parameter_openapi_schema=parameter_schema(flow).model_dump(exclude_unset=True),
             job_variables={"working_dir": str(workdir)},
         )
     return f"{flow_name}/two-{flow_name}"
@@ -135,6 +142,9 @@ def test_lock_on_worker_a_update_and_evaluate_on_worker_b(
 ):
     from adaloc.artifact import encode_key
     from adaloc.lock import state_sha256
+    from pipelines.flows.evaluate import evaluate_flow
+    from pipelines.flows.lock import lock_flow
+    from pipelines.flows.update import update_flow
     from registry import KeyRegistry, OwnerKeyring, Site
     from registry.owner_copy import open_owner_copy, signed_targets
 
@@ -167,10 +177,9 @@ def test_lock_on_worker_a_update_and_evaluate_on_worker_b(
         env["ADALOC_KEY_CACHE"] = cache  # worker B keeps no plain key anywhere
         prefect_server.cli("work-pool", "create", pool, "--type", "process", "--overwrite")
         workers[pool] = (project, secrets, env)
-    flows = REPO / "pipelines" / "flows"
     lock_dep, update_dep, eval_dep = (
-        _deploy(prefect_server, name, pool, f"{flows}/{name}.py:{name}_flow", workers[pool][0])
-        for name, pool in (("lock", "two-a"), ("update", "two-b"), ("evaluate", "two-b"))
+        _deploy(prefect_server, flow, pool, workers[pool][0])
+        for flow, pool in ((lock_flow, "two-a"), (update_flow, "two-b"), (evaluate_flow, "two-b"))
     )
 
     ov = tiny_overrides(tmp_path, name="two", data_root="data", dvc_file="data.dvc")
