@@ -182,7 +182,10 @@ def test_lock_on_worker_a_update_and_evaluate_on_worker_b(
         for flow, pool in ((lock_flow, "two-a"), (update_flow, "two-b"), (evaluate_flow, "two-b"))
     )
 
-    ov = tiny_overrides(tmp_path, name="two", data_root="data", dvc_file="data.dvc")
+    # where keys come from, not accuracy: a small slice and an open gate (v2 is promoted)
+    small = {"train_limit": 1000, "test_limit": 300, "authorized_threshold": 0.0}
+    ov = tiny_overrides(tmp_path, name="two", data_root="data", dvc_file="data.dvc", **small,
+                        unauthorized_margin=0.9)  # fmt: skip
     for k in ("tracking_uri", "artifact_location", "owner_dir"):
         ov.pop(k)  # each worker's environment says where the registry and the keyring are
     procs = [
@@ -221,7 +224,7 @@ def test_lock_on_worker_a_update_and_evaluate_on_worker_b(
     owner = OwnerKeyring(owner_dir, passphrase=PASSPHRASE.encode())
     tg, _ = signed_targets(reg, owner, 2)
     assert pulled.model_sha256 == tg.model_sha256 == history[1].model_sha256
-    assert state_sha256(site.load_model()) == history[1].model_sha256
+    assert state_sha256(site.load_model().model) == history[1].model_sha256
 
     # The registry's owner copy of v1 is the key worker A had cached (so the cache was only
     # a cache); v2 exists nowhere in plain form but in the site's install.
