@@ -14,6 +14,7 @@ from prefect import flow
 from adaloc.errors import ConfigError
 from pipelines.config import from_dict
 from pipelines.flows.common import open_owner
+from pipelines.scratch import HOOKS as SCRATCH_HOOKS
 from registry.keyring import OWNER_RECIPIENT_ID, OwnerKeyring
 from registry.sealing import generate_site_keys, open_sealed
 from tests.pipelines.conftest import REPO
@@ -21,7 +22,7 @@ from tests.pipelines.conftest import REPO
 PASSPHRASE = "block passphrase"
 
 
-@flow(name="probe-owner-secret")
+@flow(name="probe-owner-secret", **SCRATCH_HOOKS)  # as every adaloc flow: scratch removed
 def _probe(config: dict) -> dict:
     owner = open_owner(from_dict(config))
     blob = owner.seal({"key": b"k" * 64}, {"key_version": 1, "base_sha256": "ab" * 32})
