@@ -44,17 +44,19 @@ def _mount(owner_dir: Path, dst: Path) -> Path:
     return dst
 
 
-def _project(folder: Path, s3_url: str, bucket: str, dvc_file: Path | None = None) -> Path:
+def _project(folder: Path, s3_url: str, bucket: str, seed: Path | None = None) -> Path:
     """A worker's copy of the DVC project (what a clone holds: git, .dvc/config, data.dvc;
-    no data, no cache), its default remote the S3 one."""
+    no data, no cache), its default remote the S3 one (``seed``'s local config, copied)."""
     project = folder / "project"
     project.mkdir(parents=True)
     subprocess.run(["git", "init", "-q", str(project)], check=True)
     skip = shutil.ignore_patterns("cache", "tmp", "storage", "config.local")
     shutil.copytree(REPO / ".dvc", project / ".dvc", ignore=skip)
     (project / ".dvcignore").write_text("")
-    if dvc_file is not None:
-        shutil.copy2(dvc_file, project / "data.dvc")
+    if seed is not None:  # the same settings the seed's `dvc remote` commands wrote
+        shutil.copy2(seed / "data.dvc", project / "data.dvc")
+        shutil.copy2(seed / ".dvc" / "config.local", project / ".dvc" / "config.local")
+        return project
     dvc("remote", "modify", "--local", "s3", "url", f"s3://{bucket}/dvc-two", cwd=project)
     dvc("remote", "modify", "--local", "s3", "endpointurl", s3_url, cwd=project)
     dvc("remote", "default", "--local", "s3", cwd=project)
@@ -171,7 +173,7 @@ def test_lock_on_worker_a_update_and_evaluate_on_worker_b(
     a, b = tmp_path / "worker-a", tmp_path / "worker-b"
     workers = {}
     for folder, pool, cache in ((a, "two-a", "on"), (b, "two-b", "off")):
-        project = _project(folder, s3_endpoint.url, s3_endpoint.bucket, seed / "data.dvc")
+        project = _project(folder, s3_endpoint.url, s3_endpoint.bucket, seed)
         secrets = _mount(owner_dir, tmp_path / f"{folder.name}-secrets")
         env = _worker_env(prefect_server, folder, secrets, tracking, s3_endpoint.url)
         env["ADALOC_KEY_CACHE"] = cache  # worker B keeps no plain key anywhere
