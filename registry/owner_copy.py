@@ -47,8 +47,9 @@ def open_owner_copy(reg, owner: OwnerKeyring, version: int):
         length=entry.length,
         label=f"sealed key version {version} (owner copy)",
     )
-    signer = read_header(blob).owner
-    if OWNER_RECIPIENT_ID not in read_header(blob).site_ids():
+    unverified = read_header(blob)  # its signer picks the key; open_sealed then verifies
+    signer = unverified.owner
+    if OWNER_RECIPIENT_ID not in unverified.site_ids():
         raise NotAuthorizedError(
             f"key version {version} of {reg.model_name!r} was published before owner sealing, "
             "so the registry holds no owner copy; run this flow where the owner's key cache "
