@@ -306,3 +306,7 @@ def serve_cmd(
 
 def _quiet_env() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+if __name__ == "__main__":  # `python -m pipelines.cli` = the `adaloc` command of this checkout
+    app()

@@ -150,6 +150,16 @@ class PipelineConfig(VersionedConfig):
         "DVC's remote is configured in .dvc/config)",
     )
     owner_dir: str = Field("", description="owner keyring folder; empty = ADALOC_HOME/owner")
+    owner_secret_block: str = Field(
+        "",
+        description="Prefect Secret block holding the owner keyring (`adaloc keys "
+        "secret-block`); empty = the keyring folder owner_dir",
+    )
+    key_cache: Literal["", "on", "off"] = Field(
+        "",
+        description="keep plain key versions in OWNER_DIR/keys, a cache (the registry holds "
+        "the owner's sealed copy); empty = ADALOC_KEY_CACHE (default on)",
+    )
     token: TokenPattern = Field(
         "", description="M-LOCK token pattern for a two-factor lock; empty = off"
     )
@@ -177,6 +187,11 @@ class PipelineConfig(VersionedConfig):
 
         return KeySpec.from_dict(self.key)
 
+    @property
+    def caches_keys(self) -> bool:
+        """True unless the key cache is off (unresolved "" counts as the default, on)."""
+        return self.key_cache != "off"
+
     def replace(self, **changes: Any) -> PipelineConfig:
         """A validated copy with some fields changed."""
         return from_dict({**self.to_dict(), **changes})
@@ -198,6 +213,8 @@ class PipelineConfig(VersionedConfig):
                 s.home.mkdir(parents=True, exist_ok=True)
         if not self.owner_dir:
             changes["owner_dir"] = str(s.owner.resolve())
+        if not self.key_cache:
+            changes["key_cache"] = "on" if s.key_cache else "off"
         if not self.s3_endpoint and s.s3_endpoint:
             changes["s3_endpoint"] = s.s3_endpoint
         return self.replace(**changes) if changes else self

@@ -62,7 +62,8 @@ def keys_owner_init(
     passphrase_file: PassphraseFile = None,
     as_json: AsJson = False,
 ) -> None:
-    """Create the owner's Ed25519 signing key (owner.key 0600) and an empty site list."""
+    """Create the owner's Ed25519 signing key (owner.key 0600), X25519 recipient key
+    (owner-recipient.key 0600: every key version is sealed for it too) and an empty site list."""
     from registry.keyring import OwnerKeyring
     from registry.sealing import key_fingerprint
 
@@ -71,6 +72,7 @@ def keys_owner_init(
     info = {
         "directory": str(directory),
         "owner_key": key_fingerprint(keyring.owner_public_pem),
+        "recipient_key": key_fingerprint(keyring.recipient_public_pem()),
         "encrypted": passphrase is not None,
     }
     _emit(
@@ -119,6 +121,37 @@ def keys_owner_check(directory: OwnerDir = DEFAULTS.owner, as_json: AsJson = Fal
             + ")"
         ),
     )
+
+
+@keys_app.command("secret-block")
+@cli_errors
+def keys_secret_block(
+    name: Annotated[str, typer.Argument(help="Name of the Prefect Secret block to save.")],
+    directory: OwnerDir = DEFAULTS.owner,
+    with_passphrase: Annotated[
+        bool,
+        typer.Option(
+            "--with-passphrase",
+            help="Also store the passphrase (from ADALOC_OWNER_PASSPHRASE(_FILE)) in the block.",
+        ),
+    ] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Save the owner keyring as a Prefect Secret block, for flows with owner_secret_block."""
+    from prefect.blocks.system import Secret
+
+    from pipelines.owner_secrets import block_value
+    from registry.keyfiles import passphrase_from_env
+
+    passphrase = passphrase_from_env() if with_passphrase else None
+    if with_passphrase and not passphrase:
+        from registry.errors import BadFileError
+
+        raise BadFileError("--with-passphrase: set ADALOC_OWNER_PASSPHRASE(_FILE) first")
+    value = block_value(directory, passphrase=passphrase.decode() if passphrase else None)
+    Secret(value=value).save(name, overwrite=True)
+    info = {"block": name, "directory": str(directory), "passphrase": bool(passphrase)}
+    _emit(info, as_json, lambda d: out.print(f"saved the owner keyring as Secret {d['block']!r}"))
 
 
 @keys_app.command("site-add")

@@ -24,6 +24,7 @@ ENV: dict[str, tuple[str, ...]] = {
     "s3_endpoint": ("MLFLOW_S3_ENDPOINT_URL",),
     "model_name": ("ADALOC_MODEL",),
     "owner_dir": ("ADALOC_OWNER_DIR",),
+    "key_cache": ("ADALOC_KEY_CACHE",),
     "site_dir": ("ADALOC_SITE_DIR",),
 }
 
@@ -45,6 +46,8 @@ class Settings(BaseSettings):
         "adaloc-fashion-mnist", min_length=1, validation_alias=_alias("model_name")
     )
     owner_dir: Path | None = Field(None, validation_alias=_alias("owner_dir"))
+    # Plain key versions cached in OWNER_DIR/keys; off on workers that must hold none.
+    key_cache: bool = Field(True, validation_alias=_alias("key_cache"))
     site_dir: Path = Field(Path("site"), validation_alias=_alias("site_dir"))
 
     @property

@@ -358,12 +358,21 @@ def keep_key(key, owner_dir: str, version: int) -> str:
     return str(path)
 
 
-@task(name="load key", task_run_name="load key v{version}", **LOCAL)
-def load_owner_key(owner_dir: str, version: int):
-    """Read key version ``version`` from the owner's private key store."""
+@task(name="load key", task_run_name="load key v{version}", **IO | {"persist_result": False})
+def load_owner_key(registry, owner, owner_dir: str, version: int, *, cache: bool = True):
+    """(key version ``version``, its sealed token bytes or None): from the owner's cache when
+    it holds the file, else the owner's sealed copy in the registry (verified against the
+    signed records), kept in the cache when ``cache`` is on. Never a persisted result."""
     from adaloc.artifact import load_key
+    from registry.owner_copy import open_owner_copy
 
-    return load_key(owner_key_path(owner_dir, version))
+    path = owner_key_path(owner_dir, version)
+    if cache and path.exists():
+        return load_key(path), None
+    key, token = open_owner_copy(registry, owner, version)
+    if cache:
+        keep_key.fn(key, owner_dir, version)
+    return key, token
 
 
 # ---------------------------------------------------------------- registry (I/O)
@@ -378,8 +387,9 @@ def publish_key(registry, key, owner, version: int, *, owner_dir: str | None = N
     """Seal and publish a key version; MLflow's version number is the version (one source).
 
     ``version`` is the caller's expectation only: a concurrent publisher may have taken it,
-    then this one gets the next number. The plain key is kept in ``owner_dir`` under that
-    number afterwards (never overwriting a kept key). Retries reuse the same publication.
+    then this one gets the next number. With ``owner_dir`` the plain key is cached there
+    under that number afterwards (never overwriting a kept key); the registry's owner copy
+    is what other workers open. Retries reuse the same publication.
     """
     kv = registry.publish_key(key, owner=owner, auto_version=True, **kwargs)
     if owner_dir is not None:

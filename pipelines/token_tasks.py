@@ -60,10 +60,13 @@ def make_token(cfg: PipelineConfig):
 
 
 @task(name="load token", **LOCAL)
-def load_token(cfg: PipelineConfig):
-    """The owner's token (written by the lock flow)."""
+def load_token(cfg: PipelineConfig, sealed: bytes | None = None):
+    """The owner's token: the one sealed with the parent key version when given (the
+    registry's copy, which every worker can open), else the lock flow's local file."""
     from adaloc.token import Token
 
+    if sealed is not None:
+        return Token.from_bytes(sealed)
     return Token.load(token_path(cfg.owner_dir))
 
 

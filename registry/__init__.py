@@ -17,6 +17,7 @@ Errors (``registry.errors``; all subclass ``adaloc.errors.AdalocError`` via ``Re
 Owner and site keys (``registry.sealing``, ``registry.keyring``)::
 
     generate_owner_keys(directory, *, overwrite=False) -> Path   # Ed25519 owner.key(0600)/.pub
+                                                 #   + X25519 owner-recipient.key(0600)/.pub
     generate_site_keys(directory, *, overwrite=False) -> Path    # X25519 site.key(0600)/.pub
     key_fingerprint(public_key_pem: bytes) -> str                # short sha256 id of a public key
     class OwnerKeyring(directory)                # owner.key, owner.pub, sites.json in one folder
@@ -26,7 +27,9 @@ Owner and site keys (``registry.sealing``, ``registry.keyring``)::
         .sites(*, include_revoked=True) -> list[SiteEntry]   # SiteEntry(site_id, fingerprint,
                                                              #   added_at, revoked_at, public_key)
         .owner_public_pem -> bytes
-        .seal(parts: dict[str, bytes], header: dict) -> bytes   # for every non-revoked site
+        .seal(parts: dict[str, bytes], header: dict) -> bytes   # every non-revoked site + owner
+        .recipient_key() -> X25519PrivateKey     # opens the owner's copy ("@owner") of a version
+    open_owner_copy(reg, owner, version) -> (Key, token bytes | None)   # registry.owner_copy
     seal(parts, *, header, recipients: dict[site_id, pem], signing_key) -> bytes
     open_sealed(blob, *, site_id, site_private_key, owner_public_pem) -> (SealedHeader, parts)
     verify_sealed(blob, owner_public_pem) -> SealedHeader        # signature only, no decryption

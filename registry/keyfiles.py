@@ -22,6 +22,8 @@ from registry.errors import BadFileError, NotFoundError
 from registry.fsutil import PRIVATE_FILE_MODE, atomic_write_bytes
 
 OWNER_PRIVATE_FILE, OWNER_PUBLIC_FILE = "owner.key", "owner.pub"
+# The owner's own X25519 recipient pair: every key version is sealed for it too.
+OWNER_RECIPIENT_FILE, OWNER_RECIPIENT_PUBLIC_FILE = "owner-recipient.key", "owner-recipient.pub"
 SITE_PRIVATE_FILE, SITE_PUBLIC_FILE = "site.key", "site.pub"
 PASSPHRASE_ENV, PASSPHRASE_FILE_ENV = "ADALOC_OWNER_PASSPHRASE", "ADALOC_OWNER_PASSPHRASE_FILE"
 _KEY_KINDS = {
@@ -120,15 +122,32 @@ def _write_keypair(
 def generate_owner_keys(
     directory: str | Path, *, overwrite: bool = False, passphrase: bytes | None = None
 ) -> Path:
-    """Create the owner's Ed25519 signing pair (owner.key 0600, owner.pub); return owner.key.
+    """Create the owner's Ed25519 signing pair (owner.key 0600, owner.pub) and X25519
+    recipient pair (owner-recipient.key 0600, .pub); return owner.key.
 
-    With ``passphrase`` owner.key is encrypted (``BestAvailableEncryption``: PKCS#8 with
-    scrypt + AES-256-CBC in current ``cryptography``).
+    With ``passphrase`` both private keys are encrypted (``BestAvailableEncryption``: PKCS#8
+    with scrypt + AES-256-CBC in current ``cryptography``).
     """
-    return _write_keypair(
+    path = _write_keypair(
         directory,
         (OWNER_PRIVATE_FILE, OWNER_PUBLIC_FILE),
         Ed25519PrivateKey.generate(),
+        overwrite,
+        passphrase,
+    )
+    generate_owner_recipient(directory, overwrite=overwrite, passphrase=passphrase)
+    return path
+
+
+def generate_owner_recipient(
+    directory: str | Path, *, overwrite: bool = False, passphrase: bytes | None = None
+) -> Path:
+    """Create the owner's X25519 recipient pair (the owner's copy of every key version is
+    wrapped for it); encrypted with ``passphrase`` like owner.key. Returns the private file."""
+    return _write_keypair(
+        directory,
+        (OWNER_RECIPIENT_FILE, OWNER_RECIPIENT_PUBLIC_FILE),
+        X25519PrivateKey.generate(),
         overwrite,
         passphrase,
     )

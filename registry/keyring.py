@@ -16,15 +16,19 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from registry.errors import BadFileError, NotFoundError, RegistryError
+from registry.errors import BadFileError, NotAuthorizedError, NotFoundError, RegistryError
 from registry.fsutil import atomic_write_json, read_json
 from registry.keyfiles import (
     OWNER_PRIVATE_FILE,
     OWNER_PUBLIC_FILE,
+    OWNER_RECIPIENT_FILE,
+    OWNER_RECIPIENT_PUBLIC_FILE,
     _public_pem,
     generate_owner_keys,
+    generate_owner_recipient,
+    is_encrypted,
     key_fingerprint,
     load_private_key,
     load_public_key,
@@ -33,6 +37,8 @@ from registry.keyfiles import (
 from registry.sealing import seal
 
 SITES_FILE = "sites.json"
+# The owner's own recipient id in a sealed header: not a valid site id, so no site can take it.
+OWNER_RECIPIENT_ID = "@owner"
 SITES_FORMAT_VERSION = 1
 _SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -102,10 +108,39 @@ class OwnerKeyring:
 
     def signing_key(self) -> Ed25519PrivateKey:
         """The owner's Ed25519 signing key (decrypted with the passphrase when encrypted)."""
-        passphrase = self._passphrase or passphrase_from_env()
         return load_private_key(
-            self.directory / OWNER_PRIVATE_FILE, Ed25519PrivateKey, passphrase=passphrase
+            self.directory / OWNER_PRIVATE_FILE,
+            Ed25519PrivateKey,
+            passphrase=self._passphrase_or_env(),
         )
+
+    def _passphrase_or_env(self) -> bytes | None:
+        return self._passphrase or passphrase_from_env()
+
+    def recipient_key(self) -> X25519PrivateKey:
+        """The owner's X25519 recipient key, which opens the owner's copy of a key version."""
+        return load_private_key(
+            self.directory / OWNER_RECIPIENT_FILE,
+            X25519PrivateKey,
+            passphrase=self._passphrase_or_env(),
+        )
+
+    def recipient_public_pem(self) -> bytes:
+        """The owner recipient's public PEM; created on first use for a keyring made before
+        owner sealing (encrypted like owner.key), so every new key version has an owner copy."""
+        path = self.directory / OWNER_RECIPIENT_PUBLIC_FILE
+        if not (self.directory / OWNER_RECIPIENT_FILE).exists():
+            encrypted = is_encrypted(self.directory / OWNER_PRIVATE_FILE)
+            self.signing_key()  # fail here (one line) if the passphrase is missing or wrong
+            generate_owner_recipient(
+                self.directory, passphrase=self._passphrase_or_env() if encrypted else None
+            )
+        try:
+            pem = path.read_bytes()
+        except OSError as err:
+            raise BadFileError(f"owner recipient public key {path} is not readable: {err}") from err
+        load_public_key(pem, X25519PublicKey, f"owner recipient public key {path}")
+        return pem
 
     @property
     def _sites_path(self) -> Path:
@@ -190,10 +225,18 @@ class OwnerKeyring:
         """Site id -> public PEM of every non-revoked site."""
         return {s.site_id: s.public_key.encode() for s in self.sites(include_revoked=False)}
 
+    def seal_recipients(self) -> dict[str, bytes]:
+        """What a key version is sealed for: every authorised site and the owner's recipient."""
+        return {**self.recipients(), OWNER_RECIPIENT_ID: self.recipient_public_pem()}
+
     def seal(self, parts: dict[str, bytes], header: dict) -> bytes:
-        """Seal ``parts`` for every authorised site and sign with the owner key."""
+        """Seal ``parts`` for every authorised site and the owner; sign with the owner key."""
+        if not self.recipients():
+            raise NotAuthorizedError(
+                "no authorised site to seal for; add one with `adaloc keys site-add`"
+            )
         return seal(
-            parts, header=header, recipients=self.recipients(), signing_key=self.signing_key()
+            parts, header=header, recipients=self.seal_recipients(), signing_key=self.signing_key()
         )
 
     def idempotency_key(self, *chunks: bytes | str) -> str:

@@ -25,7 +25,7 @@ from registry.errors import (
     VersionConflictError,
 )
 from registry.fetch import fetch
-from registry.keyring import OwnerKeyring
+from registry.keyring import OWNER_RECIPIENT_ID, OwnerKeyring
 from registry.mlflow_io import git_sha
 from registry.records import BaseVersion, KeyVersion
 from registry.sealing import read_header, verify_sealed
@@ -172,7 +172,8 @@ class KeyPublishing:
             R.ARTIFACT_SHA256: sha256_bytes(blob),
             R.SEALED_BYTES: str(len(blob)),
             R.KEY_BYTES: str(len(key_bytes)),
-            R.RECIPIENTS: ",".join(sealed.site_ids()),
+            R.RECIPIENTS: ",".join(i for i in sealed.site_ids() if i != OWNER_RECIPIENT_ID),
+            R.OWNER_COPY: "sealed" if OWNER_RECIPIENT_ID in sealed.site_ids() else "none",
             R.OWNER_KEY: sealed.owner,
         }
         for k, v in tags.items():
@@ -291,7 +292,7 @@ class KeyPublishing:
                     if (
                         h.key_version == header["key_version"]
                         and h.base_sha256 == header["base_sha256"]
-                        and set(h.site_ids()) == set(owner.recipients())
+                        and set(h.site_ids()) == set(owner.seal_recipients())
                     ):
                         blob = old
                 except RegistryError:

@@ -24,6 +24,7 @@ DATA_VERSION = "data_version"
 CODE_VERSION = "code_version"
 KEY_SPEC = "key_spec"
 RECIPIENTS = "recipients"
+OWNER_COPY = "owner_copy"  # "sealed": the owner's recipient key opens it (any worker can)
 OWNER_KEY = "owner_key"
 
 # Artifact paths inside a run.

@@ -39,13 +39,20 @@ def open_registry(cfg: PipelineConfig):
     return KeyRegistry(cfg.tracking_uri, cfg.name, artifact_location=cfg.artifact_location or None)
 
 
-def open_owner(cfg: PipelineConfig):
-    """The owner's keyring (signing key + authorized sites); created on first use."""
+def open_owner(cfg: PipelineConfig, *, create: bool = True):
+    """The owner's keyring (signing and recipient keys + authorized sites): from the Prefect
+    Secret block ``owner_secret_block`` when set, else the folder ``owner_dir`` (created on
+    first use when ``create``; a flow that only reads opens an existing one)."""
     from pathlib import Path
 
     from registry import OwnerKeyring
 
-    if (Path(cfg.owner_dir) / "owner.key").exists():
+    if cfg.owner_secret_block:
+        from pipelines.owner_secrets import keyring_from_block
+        from pipelines.scratch import scratch_dir
+
+        return keyring_from_block(cfg.owner_secret_block, Path(scratch_dir()) / "owner")
+    if not create or (Path(cfg.owner_dir) / "owner.key").exists():
         return OwnerKeyring(cfg.owner_dir)
     return OwnerKeyring.init(cfg.owner_dir)
 

@@ -13,7 +13,7 @@ from pipelines import plots
 from pipelines import tasks as T
 from pipelines import token_tasks as TT
 from pipelines.config import PipelineConfig
-from pipelines.flows.common import gate, open_registry, read_config, report, run_name
+from pipelines.flows.common import gate, open_owner, open_registry, read_config, report, run_name
 from pipelines.scratch import HOOKS as SCRATCH_HOOKS
 
 
@@ -26,16 +26,18 @@ def evaluate_flow(
 ) -> dict:
     """Evaluate key version ``ref`` (number or alias) on the test data of its stage."""
     cfg = read_config(config_path, overrides, config)
-    registry = open_registry(cfg)
+    registry, owner = open_registry(cfg), open_owner(cfg, create=False)
     work = T.scratch_dir()
 
     kv = T.resolve_version(registry, str(ref))
     bundle = T.load_data(cfg)
     stage = T.make_stages(bundle, cfg)[T.stage_for_version(kv.version, cfg.updates)]
     base = T.download_base(registry, kv.base_sha256, f"{work}/base")
-    key = T.load_owner_key(cfg.owner_dir, kv.version)
+    key, sealed_token = T.load_owner_key(
+        registry, owner, cfg.owner_dir, kv.version, cache=cfg.caches_keys
+    )
     metrics = T.evaluate(base, key, stage.test, version=kv.version, seed=cfg.seed)
-    token = TT.load_token(cfg) if cfg.token else None
+    token = TT.load_token(cfg, sealed_token) if cfg.token else None
     if token is not None:
         metrics = TT.with_two_factor(metrics, TT.two_factor(base, key, stage.test, token))
     attacks = AT.attack_metrics(base, key, bundle, cfg, kv.version, token)

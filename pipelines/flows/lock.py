@@ -88,7 +88,7 @@ def lock_flow(
         key_spec=cfg.key_spec().to_dict(),
         aliases=("candidate",),
         token=token,
-        owner_dir=cfg.owner_dir,
+        owner_dir=cfg.owner_dir if cfg.caches_keys else None,
     )
     if passed:
         kv = T.set_alias(registry, "production", kv.version, owner)

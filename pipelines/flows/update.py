@@ -52,8 +52,10 @@ def update_flow(
     log.info("key v%d: key-only training on stage %r (parent v%d)", version, stage.name, parent)
 
     base = T.download_base(registry, latest.base_sha256, f"{work}/base")
-    key = T.load_owner_key(cfg.owner_dir, parent)
-    token = TT.load_token(cfg) if cfg.token else None
+    key, sealed_token = T.load_owner_key(
+        registry, owner, cfg.owner_dir, parent, cache=cfg.caches_keys
+    )
+    token = TT.load_token(cfg, sealed_token) if cfg.token else None
     if token is None:
         model = T.restore(base, key)
         seconds = T.train_key(model, stage, key.mask, cfg, version, progress).seconds
@@ -84,7 +86,7 @@ def update_flow(
         key_spec=cfg.key_spec().to_dict(),
         aliases=("candidate",),
         token=token,
-        owner_dir=cfg.owner_dir,
+        owner_dir=cfg.owner_dir if cfg.caches_keys else None,
     )
     version = kv.version  # MLflow's number: a concurrent publisher may have taken ours
     if passed and promote:

@@ -146,7 +146,8 @@ def test_retries_only_where_a_retry_can_pass():
         MlflowException("RESOURCE_ALREADY_EXISTS"),
     ):
         assert not T.transient(permanent), permanent
-    for remote in (T.publish_key, T.publish_base, T.set_alias, T.download_base, T.log_files):
+    remote_tasks = (T.publish_key, T.publish_base, T.set_alias, T.download_base, T.log_files)
+    for remote in (*remote_tasks, T.load_owner_key):  # the owner copy comes from the registry
         assert remote.retries == 3 and remote.retry_condition_fn is T._retry_if_transient
-    for local in (T.load_data, T.keep_key, T.load_owner_key, T.resolve_data_version, T.train_key):
+    for local in (T.load_data, T.keep_key, T.resolve_data_version, T.train_key):
         assert local.retries == 0, local.name

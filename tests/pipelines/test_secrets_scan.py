@@ -1,12 +1,14 @@
 """After a full tiny demo with a token (lock + key-only update, site pulls and exports, the
-evaluations), scan everything the run touched for secrets outside their 0600 files.
+evaluations), scan everything the run touched for secrets outside their 0600 files. The key
+cache is off, so every parent key and the token come from the registry's owner copy.
 
 Scanned: the demo's MLflow store (sqlite db + artifact folder), Prefect's home (the server's
 database and logs, and the client's home), the system temp folder the run used, and the
 demo's console log. Looked for: every plain key version (the file and windows of its raw
 key values), the token (its bytes, which are also the fingerprint's preimage, and its
-pixels), and the owner's and the site's private keys (PEM and raw bytes). Also checked: no
-``adaloc-*`` scratch folder is left, private files are 0600 and their folders 0700.
+pixels), and the owner's (signing and recipient) and the site's private keys (PEM and raw
+bytes). Also checked: no ``adaloc-*`` scratch folder is left, no plain key is cached, private
+files are 0600 and their folders 0700.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from rich.console import Console
-from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 
 from pipelines.config import from_dict
 from registry.keyfiles import load_private_key
@@ -38,12 +40,24 @@ def _raw_private(path: Path) -> list[bytes]:
     return [path.read_bytes(), raw]
 
 
-def _key_needles(path: Path) -> list[bytes]:
-    with safe_open(str(path), "pt") as f:
-        values = f.get_tensor("value").numpy().tobytes()
+def _key_needles(data: bytes) -> list[bytes]:
+    values = safetensors_load(data)["value"].numpy().tobytes()
     step = max(len(values) // 8, WINDOW)
     windows = [values[i : i + WINDOW] for i in range(0, len(values) - WINDOW + 1, step)]
-    return [path.read_bytes(), *windows]
+    return [data, *windows]
+
+
+def _plain_keys(out: Path, name: str) -> dict[int, bytes]:
+    """Every published key version in plain form, opened from the registry's owner copy."""
+    from adaloc.artifact import encode_key
+    from registry import KeyRegistry, OwnerKeyring
+    from registry.mlflow_io import embedded_uris
+    from registry.owner_copy import open_owner_copy
+
+    reg = KeyRegistry(embedded_uris(out / "mlflow")[0], name)
+    owner = OwnerKeyring(out / "owner")
+    return {kv.version: encode_key(open_owner_copy(reg, owner, kv.version)[0])
+            for kv in reg.history()}  # fmt: skip
 
 
 def _mode(path: Path) -> int:
@@ -63,7 +77,8 @@ def demo(tmp_path_factory, prefect_server):
     # secrets, not accuracy: a small slice and an open gate (every version is promoted)
     small = {"train_limit": 1000, "test_limit": 300, "updates": 1}
     gate = {"authorized_threshold": 0.0, "unauthorized_margin": 0.0}
-    ov = tiny_overrides(root, name="scan", token="binary", **small, **gate)
+    # cache off: update and evaluate open every parent key (and the token) from the registry
+    ov = tiny_overrides(root, name="scan", token="binary", key_cache="off", **small, **gate)
     for k in ("tracking_uri", "artifact_location", "owner_dir"):
         ov.pop(k)  # the demo puts them under its folder
     log = io.StringIO()
@@ -81,18 +96,21 @@ def demo(tmp_path_factory, prefect_server):
 def _secrets(out: Path) -> tuple[dict[str, list[bytes]], set[Path]]:
     """Needles by what they are, and the files allowed to hold them (all checked 0600)."""
     owner, site = out / "owner", out / "site"
-    keys = sorted((owner / "keys").glob("key-v*.safetensors"))
-    assert keys, "the demo kept no key versions"
+    assert not (owner / "keys").exists(), "a plain key was cached with the cache off"
+    keys = _plain_keys(out, "scan")
+    assert sorted(keys) == [1, 2], keys
     token = (owner / "token.json").read_bytes()
     pixels = json.dumps(json.loads(token)["pixels"], separators=(",", ":")).encode()
     needles = {
         "owner private key": _raw_private(owner / "owner.key"),
+        "owner recipient key": _raw_private(owner / "owner-recipient.key"),
         "site private key": _raw_private(site / "site.key"),
         "token": [token, pixels],
     }
-    for k in keys:
-        needles[f"plain key {k.name}"] = _key_needles(k)
-    allowed = {owner / "owner.key", site / "site.key", owner / "token.json", *keys}
+    for v, data in keys.items():
+        needles[f"plain key v{v}"] = _key_needles(data)
+    allowed = {owner / "owner.key", owner / "owner-recipient.key", site / "site.key"}
+    allowed |= {owner / "token.json"}
     allowed |= set((site / "installs").rglob("key.safetensors"))
     allowed |= set((site / "installs").rglob("token.json"))
     allowed |= set((site / "model").glob("*.safetensors"))  # the exported unlocked model
@@ -136,6 +154,6 @@ def test_no_scratch_folder_left_and_private_files_are_0600(demo):
     for path in allowed:
         assert _mode(path) == 0o600, f"{path} is {oct(_mode(path))}"
     site = demo["out"] / "site"
-    assert _mode(site / "model") == 0o700 and _mode(demo["out"] / "owner" / "keys") == 0o700
+    assert _mode(site / "model") == 0o700
     for d in (site, demo["out"] / "owner", *(site / "installs").iterdir()):
         assert _mode(d) & 0o077 == 0, f"{d} is {oct(_mode(d))}"

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from registry.errors import IntegrityError, NotAuthorizedError, RegistryError, SignatureError
-from registry.keyring import OwnerKeyring
+from registry.keyring import OWNER_RECIPIENT_ID, OwnerKeyring
 from registry.sealing import (
     MAGIC,
     generate_site_keys,
@@ -58,7 +58,42 @@ def test_roundtrip_every_site_and_parts(world):
     for site in ("a", "b"):
         header, got = _open(blob, world, site)
         assert got == parts and header.key_version == 1
-    assert read_header(blob).site_ids() == ["a", "b"]
+    # the owner's own copy: sealed for the owner's recipient key, under an id no site can take
+    assert read_header(blob).site_ids() == [OWNER_RECIPIENT_ID, "a", "b"]
+    header, got = open_sealed(
+        blob,
+        site_id=OWNER_RECIPIENT_ID,
+        site_private_key=owner.recipient_key(),
+        owner_public_pem=owner.owner_public_pem,
+    )
+    assert got == parts
+    with pytest.raises(RegistryError, match="site id"):
+        owner.add_site(OWNER_RECIPIENT_ID, owner.directory.parent / "a" / "site.pub")
+
+
+def test_owner_recipient_key_is_encrypted_like_the_signing_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("ADALOC_OWNER_PASSPHRASE", raising=False)
+    monkeypatch.delenv("ADALOC_OWNER_PASSPHRASE_FILE", raising=False)
+    owner = OwnerKeyring.init(tmp_path / "o", passphrase=b"correct horse")
+    for name in ("owner.key", "owner-recipient.key"):
+        path = tmp_path / "o" / name
+        assert b"ENCRYPTED PRIVATE KEY" in path.read_bytes()
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert isinstance(owner.recipient_key(), X25519PrivateKey)
+    with pytest.raises(RegistryError, match="encrypted; set ADALOC_OWNER_PASSPHRASE"):
+        OwnerKeyring(tmp_path / "o").recipient_key()
+    monkeypatch.setenv("ADALOC_OWNER_PASSPHRASE", "wrong")
+    with pytest.raises(RegistryError, match="wrong passphrase"):
+        OwnerKeyring(tmp_path / "o").recipient_key()
+
+
+def test_keyring_from_before_owner_sealing_gains_a_recipient_key(world):
+    owner, root = world
+    for name in ("owner-recipient.key", "owner-recipient.pub"):
+        (root / "owner" / name).unlink()  # a keyring made before owner sealing
+    blob = owner.seal({"key": b"k" * 64}, HEADER)
+    assert (root / "owner" / "owner-recipient.key").exists()
+    assert OWNER_RECIPIENT_ID in read_header(blob).site_ids()
 
 
 @pytest.mark.parametrize("where", ["magic", "length", "header", "ciphertext", "signature"])

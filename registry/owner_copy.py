@@ -1,0 +1,83 @@
+"""The owner's copy of a key version, opened from the registry (MLflow + S3), not a folder.
+
+Every key version is sealed for the owner's X25519 recipient key beside the sites, so any
+worker holding the owner's secrets opens the parent key of an update from what every machine
+sees. The blob is trusted like a site trusts it: the owner-signed timestamp lists the
+version's targets record, which names the sealed blob's length and sha256; the blob's own
+owner signature and header must agree with it. Local key files are only a cache.
+"""
+
+from __future__ import annotations
+
+from registry import trust as T
+from registry import trust_io
+from registry.errors import IntegrityError, NotAuthorizedError, TrustError
+from registry.keyring import OWNER_RECIPIENT_ID, OwnerKeyring
+from registry.sealing import open_sealed, read_header
+
+SEALED_ENTRY = "key.sealed"
+
+
+def signed_targets(reg, owner: OwnerKeyring, version: int):
+    """(owner-signed targets record of key version ``version``, the root that verified it)."""
+    from registry import release
+
+    root, _ = release.current_root(reg, owner)
+    _, ts, root, _ = trust_io.newest_timestamp(reg, root)
+    return trust_io.read_targets(reg, ts, root, version), root
+
+
+def open_owner_copy(reg, owner: OwnerKeyring, version: int):
+    """(adaloc Key, token bytes or None) of key version ``version``, opened with the owner's
+    recipient key after checking the blob against the signed targets record.
+
+    NotAuthorizedError (one line) for a version published before owner sealing.
+    """
+    from adaloc.artifact import decode_key
+    from adaloc.errors import KeyFormatError
+
+    tg, root = signed_targets(reg, owner, version)
+    entry = tg.files[SEALED_ENTRY]
+    blob = trust_io.read_artifact(
+        reg,
+        entry.run_id,
+        entry.path,
+        max_bytes=entry.length,
+        sha256=entry.sha256,
+        length=entry.length,
+        label=f"sealed key version {version} (owner copy)",
+    )
+    unverified = read_header(blob)  # its signer picks the key; open_sealed then verifies
+    signer = unverified.owner
+    if OWNER_RECIPIENT_ID not in unverified.site_ids():
+        raise NotAuthorizedError(
+            f"key version {version} of {reg.model_name!r} was published before owner sealing, "
+            "so the registry holds no owner copy; run this flow where the owner's key cache "
+            f"(OWNER_DIR/keys/key-v{version}.safetensors) is, or publish a new version there"
+        )
+    pem = T.seal_keys(root).get(signer)
+    if pem is None:
+        raise TrustError(
+            f"key version {version} is sealed by key {signer}, which the owner's root "
+            f"v{root.version} does not name (revoked?)"
+        )
+    header, parts = open_sealed(
+        blob,
+        site_id=OWNER_RECIPIENT_ID,
+        site_private_key=owner.recipient_key(),
+        owner_public_pem=pem.encode(),
+    )
+    if (header.key_version, header.base_sha256) != (tg.key_version, tg.base_sha256) or (
+        "token" in parts
+    ) != tg.token:
+        raise IntegrityError(
+            f"sealed key says version {header.key_version} / base {header.base_sha256[:12]}, "
+            f"the signed targets say {tg.key_version} / {tg.base_sha256[:12]}: mixed records"
+        )
+    try:
+        key = decode_key(parts["key"])
+    except KeyFormatError as err:
+        raise IntegrityError(f"key version {version}: {err}") from err
+    if key.version != version or key.base_sha256 != tg.base_sha256:
+        raise IntegrityError(f"key artifact says version {key.version}, targets say {version}")
+    return key, parts.get("token")
