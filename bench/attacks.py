@@ -36,6 +36,7 @@ from adaloc.attacks import (
 )
 from adaloc.data import load_dataset, make_stages
 from adaloc.evaluate import accuracy, chance_level
+from adaloc.harden import HardenConfig, nontransferable
 from adaloc.keys import KeySpec, select_key
 from adaloc.lock import FILLS, lock, random_key, unlock
 from adaloc.models import build_model
@@ -55,6 +56,11 @@ LOCKS = {
     "noise": ({}, "noise"),
     "key20": ({"budget": 0.2}, "matched"),
     "key50": ({"budget": 0.5}, "matched"),
+    "profile": ({}, "profile"),
+    "random_profile": ({"selection": "random"}, "profile"),
+    # SOPHON-style non-transferable training of the owner after key selection
+    "sophon": ({}, DEFAULT_FILL, "sophon"),
+    "sophon_profile": ({}, "profile", "sophon"),
 }
 
 
@@ -82,6 +88,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--token-budget", type=int, default=4096, help="token search tries")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--harden-steps", type=int, default=400, help="sophon locks: outer steps")
+    p.add_argument("--harden-alpha", type=float, default=1.0, help="sophon: attacker weight")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -167,13 +175,23 @@ def main(args: argparse.Namespace) -> dict:
     jobs = len(fractions) * args.repeats * (1 + len(lock_names) * len(attacks))
     bar = tqdm(total=jobs, desc="attacks", disable=not progress, unit="search")
     locks, refs = {}, {}
+    owners = {}
     for name in lock_names:
-        over, fill = LOCKS[name]
+        over, fill, *hardening = LOCKS[name]
         spec = KeySpec(**over)
         mask = select_key(owner, spec, data=owner_train)
-        base, key = lock(owner, mask, fill=fill, seed=args.seed)
+        model, t_h = owner, time.perf_counter()
+        if hardening:
+            cfg = HardenConfig(steps=args.harden_steps, alpha=args.harden_alpha, seed=args.seed)
+            model = nontransferable(owner, mask, owner_train, fresh_fn(make, args.seed + 99), cfg)
+        owners[name] = model
+        base, key = lock(model, mask, fill=fill, seed=args.seed)
         locks[name] = (spec, fill, mask, base)
         result["locks"][name] = {
+            "hardening": {**cfg.__dict__, "seconds": round(time.perf_counter() - t_h, 1)}
+            if hardening
+            else None,
+            "unhardened_owner_acc": accuracy(owner, test),
             "owner_acc": accuracy(unlock(base, key), test),
             "unauthorized_acc": accuracy(base, test),
             "random_key_acc": accuracy(unlock(base, random_key(key, seed=args.seed)), test),
@@ -211,7 +229,7 @@ def main(args: argparse.Namespace) -> dict:
                     )
                 if rep == 0 and frac == fractions[0]:
                     result["locks"][name]["positions_by_fill"] = _positions_by_fill(
-                        owner, spec, mask, ref.model, data, fresh_fn(make, 11)
+                        owners[name], spec, mask, ref.model, data, fresh_fn(make, 11)
                     )
         for name in locks:
             rows = result["locks"][name]["rows"]
