@@ -28,6 +28,9 @@ class HardenConfig:
     steps: int = 400
     lr: float = 1e-3
     alpha: float = 1.0
+    objective: str = "finetune"  # or "probe": ridge probes on the refilled hidden layers
+    probe_batch: int = 256
+    ridge: float = 1.0
     inner_steps: int = 10
     inner_lrs: tuple[float, ...] = (0.01, 0.05, 0.1)
     batch_size: int = 64
@@ -70,6 +73,8 @@ def nontransferable(
         idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=g)
         return train.x[idx], train.y[idx]
 
+    if cfg.objective == "probe":
+        return _probe_train(model, pos, train, make_fresh, cfg, g)
     for step in range(cfg.steps):
         torch.manual_seed(cfg.seed * 100_003 + step)
         _refilled(att, model, make_fresh(), pos)
@@ -92,4 +97,62 @@ def nontransferable(
                     ga = ga.masked_fill(pos[name], 0.0)  # the attacker's key is not ours
                 p.grad.add_(ga, alpha=cfg.alpha)
         opt.step()
+    return model.eval()
+
+
+def _r2(ha: torch.Tensor, ya: torch.Tensor, hb: torch.Tensor, yb: torch.Tensor, lam: float):
+    """R^2 on batch b of a ridge probe fitted on batch a (features standardized on a)."""
+    mu, sd = ha.mean(0), ha.std(0).clamp_min(1e-3)
+    za, zb = (ha - mu) / sd, (hb - mu) / sd
+    ym = ya.mean(0)
+    eye = torch.eye(za.shape[1], dtype=za.dtype)
+    w = torch.linalg.solve(za.T @ za + lam * len(za) * eye, za.T @ (ya - ym))
+    err = (zb @ w + ym - yb).pow(2).sum()
+    return 1 - err / (yb - yb.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def _probe_train(model, pos, train, make_fresh, cfg: HardenConfig, g) -> nn.Module:
+    """Owner CE + alpha * R^2 of linear probes on every hidden ReLU of the refilled network.
+
+    The refill puts fresh values at the key positions; the probes see only what the base
+    publishes, so the gradient pushes the public features to carry nothing linear about y.
+    """
+    from torch.func import functional_call
+
+    acts: list[torch.Tensor] = []
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+
+    def hook(_m, _i, out):
+        acts.append(out.mean((2, 3)) if out.dim() == 4 else out)
+
+    handles = [m.register_forward_hook(hook) for m in relus[:-1] or relus]
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    n, k = len(train), int(train.y.max()) + 1
+    try:
+        for step in range(cfg.steps):
+            torch.manual_seed(cfg.seed * 100_003 + step)
+            fresh = dict(make_fresh().state_dict())
+            idx = torch.randint(0, n, (2 * min(cfg.probe_batch, n // 2),), generator=g)
+            x, y = train.x[idx], train.y[idx]
+            state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+            att = {
+                name: torch.where(pos[name], fresh[name], t) if name in pos else t
+                for name, t in state.items()
+            }
+            acts.clear()
+            functional_call(model, att, (x,))
+            half = len(x) // 2
+            yo = nn.functional.one_hot(y, k).float()
+            r2 = torch.stack(
+                [_r2(h[:half], yo[:half], h[half:], yo[half:], cfg.ridge) for h in acts]
+            )
+            acts.clear()
+            loss = nn.functional.cross_entropy(model(x[:half]), y[:half])
+            acts.clear()
+            opt.zero_grad(set_to_none=True)
+            (loss + cfg.alpha * r2.clamp_min(0).mean()).backward()
+            opt.step()
+    finally:
+        for h in handles:
+            h.remove()
     return model.eval()

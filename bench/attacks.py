@@ -57,10 +57,13 @@ LOCKS = {
     "key20": ({"budget": 0.2}, "matched"),
     "key50": ({"budget": 0.5}, "matched"),
     "profile": ({}, "profile"),
+    "first": ({"selection": "first"}, DEFAULT_FILL),
     "random_profile": ({"selection": "random"}, "profile"),
     # SOPHON-style non-transferable training of the owner after key selection
     "sophon": ({}, DEFAULT_FILL, "sophon"),
     "sophon_profile": ({}, "profile", "sophon"),
+    "probe": ({}, DEFAULT_FILL, "probe"),
+    "probe_first": ({"selection": "first"}, DEFAULT_FILL, "probe"),
 }
 
 
@@ -182,7 +185,10 @@ def main(args: argparse.Namespace) -> dict:
         mask = select_key(owner, spec, data=owner_train)
         model, t_h = owner, time.perf_counter()
         if hardening:
-            cfg = HardenConfig(steps=args.harden_steps, alpha=args.harden_alpha, seed=args.seed)
+            objective = "probe" if hardening[0] == "probe" else "finetune"
+            cfg = HardenConfig(
+                steps=args.harden_steps, alpha=args.harden_alpha, seed=args.seed, objective=objective
+            )
             model = nontransferable(owner, mask, owner_train, fresh_fn(make, args.seed + 99), cfg)
         owners[name] = model
         base, key = lock(model, mask, fill=fill, seed=args.seed)
