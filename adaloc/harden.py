@@ -125,7 +125,7 @@ def _probe_train(model, pos, train, make_fresh, cfg: HardenConfig, g) -> nn.Modu
     def hook(_m, _i, out):
         acts.append(out.mean((2, 3)) if out.dim() == 4 else out)
 
-    handles = [m.register_forward_hook(hook) for m in relus[:-1] or relus]
+    handles = [m.register_forward_hook(hook) for m in relus]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     n, k = len(train), int(train.y.max()) + 1
     try:
