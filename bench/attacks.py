@@ -187,7 +187,10 @@ def main(args: argparse.Namespace) -> dict:
         if hardening:
             objective = "probe" if hardening[0] == "probe" else "finetune"
             cfg = HardenConfig(
-                steps=args.harden_steps, alpha=args.harden_alpha, seed=args.seed, objective=objective
+                steps=args.harden_steps,
+                alpha=args.harden_alpha,
+                seed=args.seed,
+                objective=objective,
             )
             model = nontransferable(owner, mask, owner_train, fresh_fn(make, args.seed + 99), cfg)
         owners[name] = model

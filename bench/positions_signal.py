@@ -92,7 +92,10 @@ def main() -> None:
             base0, _ = lock(owner, mask0, fill=fill)
             state = base0.state_dict()
             forced = KeyMask(
-                {n: torch.arange(rows_view(state[n], "row").shape[0]) for n in _forced_names(base0, spec)}
+                {
+                    n: torch.arange(rows_view(state[n], "row").shape[0])
+                    for n in _forced_names(base0, spec)
+                }
             )
             shadows = [shadow, refill(base0, forced, fresh_fn(make, 11)())]
             n_f = P.N_FEATURES
