@@ -156,3 +156,55 @@ def _probe_train(model, pos, train, make_fresh, cfg: HardenConfig, g) -> nn.Modu
         for h in handles:
             h.remove()
     return model.eval()
+
+
+_PASS = (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity)
+
+
+@torch.no_grad()
+def balance_fanout(model: nn.Module, mask: KeyMask | None = None) -> nn.Module:
+    """Give every hidden unit the same outgoing weight norm, without changing the function.
+
+    The position detector's strongest signal against a data-aware key is the *fan-out*: the
+    norm of what a keyed unit feeds into the next layer, a public tensor the fill cannot
+    touch (bench/positions_signal.py). ReLU nets are positively homogeneous: scaling a
+    unit's output by a > 0 (its row and bias, or its BatchNorm scale and shift) and its
+    outgoing column by 1 / a computes the same function, so each column is set to the
+    layer's mean norm. Pairs are balanced from the top down (each step changes only the
+    rows of the layer below); a consumer keyed whole (the head) hides its columns anyway
+    and is skipped. Works on ``nn.Sequential`` chains (cnn, mlp); returns a new model.
+    """
+    model = copy.deepcopy(model)
+    mods = list(model.named_children()) if isinstance(model, nn.Sequential) else []
+    whole = set()
+    if mask is not None:
+        state = model.state_dict()
+        whole = {n for n, i in mask.indices.items() if i.numel() == len(state[n]) and n in state}
+    pairs, producer = [], None
+    for name, m in mods:
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if producer is not None:
+                pairs.append((producer, (name, m)))
+            producer = [(name, m), None]
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and producer is not None:
+            producer[1] = m
+        elif not isinstance(m, _PASS):
+            producer = None  # anything else: not known to commute with positive scaling
+    for (_pname, p), bn, (cname, c) in ((pr[0], pr[1], co) for pr, co in reversed(pairs)):
+        if f"{cname}.weight" in whole:
+            continue
+        units = bn.num_features if bn is not None else p.weight.shape[0]
+        if c.weight.shape[1] % units:
+            continue
+        cols = c.weight.view(c.weight.shape[0], units, -1)
+        norm = cols.pow(2).sum((0, 2)).sqrt()
+        a = (norm / norm.mean()).clamp_min(1e-6)
+        cols.div_(a[None, :, None])
+        if bn is not None:
+            bn.weight.mul_(a)
+            bn.bias.mul_(a)
+        else:
+            p.weight.mul_(a.view(-1, *([1] * (p.weight.dim() - 1))))
+            if p.bias is not None:
+                p.bias.mul_(a)
+    return model

@@ -13,6 +13,7 @@ and DIR/attacks.png; ``bench/attacks_report.py`` renders the table and figure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import inspect
 import json
@@ -36,7 +37,7 @@ from adaloc.attacks import (
 )
 from adaloc.data import load_dataset, make_stages
 from adaloc.evaluate import accuracy, chance_level
-from adaloc.harden import HardenConfig, nontransferable
+from adaloc.harden import HardenConfig, balance_fanout, nontransferable
 from adaloc.keys import KeySpec, select_key
 from adaloc.lock import FILLS, lock, random_key, unlock
 from adaloc.models import build_model
@@ -64,6 +65,11 @@ LOCKS = {
     "sophon_profile": ({}, "profile", "sophon"),
     "probe": ({}, DEFAULT_FILL, "probe"),
     "probe_first": ({"selection": "first"}, DEFAULT_FILL, "probe"),
+    # function-preserving fan-out balancing (positions), alone and after the probe training
+    "balance": ({}, DEFAULT_FILL, "balance"),
+    "balance_profile": ({}, "profile", "balance"),
+    "probe_first_balance": ({"selection": "first"}, DEFAULT_FILL, "probe", "balance"),
+    "probe_first_balance_profile": ({"selection": "first"}, "profile", "probe", "balance"),
 }
 
 
@@ -116,12 +122,12 @@ def _key_info(spec: KeySpec, fill: str, mask, owner) -> dict:
     }
 
 
-def _positions_by_fill(owner, spec, mask, shadow, data, make) -> dict:
-    """Position inference against the true mask for every fill (no training: cheap)."""
+def _positions_by_fill(owner, spec, mask, shadow, data, make, harden=None) -> dict:
+    """Position inference against the true mask for every fill (shadows hardened alike)."""
     out = {}
     for fill in FILLS:
         base, _ = lock(owner, mask, fill=fill)
-        det = shadow_detector([shadow], base, spec, fill, data, make)
+        det = shadow_detector([shadow], base, spec, fill, data, make, harden=harden)
         out[fill] = position_report(owner, spec, infer_positions(base, spec, det), mask).to_dict()
     return out
 
@@ -178,7 +184,7 @@ def main(args: argparse.Namespace) -> dict:
     jobs = len(fractions) * args.repeats * (1 + len(lock_names) * len(attacks))
     bar = tqdm(total=jobs, desc="attacks", disable=not progress, unit="search")
     locks, refs = {}, {}
-    owners = {}
+    owners, hardens = {}, {}
     for name in lock_names:
         over, fill, *hardening = LOCKS[name]
         spec = KeySpec(**over)
@@ -197,7 +203,11 @@ def main(args: argparse.Namespace) -> dict:
         base, key = lock(model, mask, fill=fill, seed=args.seed)
         locks[name] = (spec, fill, mask, base)
         result["locks"][name] = {
-            "hardening": {**cfg.__dict__, "seconds": round(time.perf_counter() - t_h, 1)}
+            "hardening": {
+                "steps": list(hardening),
+                **cfg.__dict__,
+                "seconds": round(time.perf_counter() - t_h, 1),
+            }
             if hardening
             else None,
             "unhardened_owner_acc": accuracy(owner, test),
@@ -218,7 +228,15 @@ def main(args: argparse.Namespace) -> dict:
             if rep == 0:
                 refs[frac] = (data, scratch_acc)
             for name, (spec, fill, mask, base) in locks.items():
-                det = shadow_detector([ref.model], base, spec, fill, data, fresh_fn(make, 11))
+                det = shadow_detector(
+                    [ref.model],
+                    base,
+                    spec,
+                    fill,
+                    data,
+                    fresh_fn(make, 11),
+                    harden=hardens[name] if LOCKS[name][2:] else None,
+                )
                 got = weight_attacks(
                     base,
                     spec,
@@ -238,7 +256,13 @@ def main(args: argparse.Namespace) -> dict:
                     )
                 if rep == 0 and frac == fractions[0]:
                     result["locks"][name]["positions_by_fill"] = _positions_by_fill(
-                        owners[name], spec, mask, ref.model, data, fresh_fn(make, 11)
+                        owners[name],
+                        spec,
+                        mask,
+                        ref.model,
+                        data,
+                        fresh_fn(make, 11),
+                        harden=hardens[name] if LOCKS[name][2:] else None,
                     )
         for name in locks:
             rows = result["locks"][name]["rows"]
@@ -261,6 +285,18 @@ def main(args: argparse.Namespace) -> dict:
     plot(result, out / "attacks.png")
     print((out / "attacks.md").read_text())
     return result
+
+
+def _harden(steps: tuple, cfg: HardenConfig, make, model, mask, train):
+    """The lock's hardening steps in order (also what the attacker applies to shadows)."""
+    for step in steps:
+        if step in ("sophon", "probe"):
+            objective = "probe" if step == "probe" else "finetune"
+            c = dataclasses.replace(cfg, objective=objective)
+            model = nontransferable(model, mask, train, fresh_fn(make, cfg.seed + 99), c)
+        elif step == "balance":
+            model = balance_fanout(model, mask)
+    return model
 
 
 def _row(attack: str, frac: float, n: int, vals: list) -> dict:

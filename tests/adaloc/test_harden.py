@@ -3,8 +3,6 @@ stops carrying linear information; the "first" placement and the "profile" fill.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
