@@ -189,16 +189,10 @@ def main(args: argparse.Namespace) -> dict:
         over, fill, *hardening = LOCKS[name]
         spec = KeySpec(**over)
         mask = select_key(owner, spec, data=owner_train)
-        model, t_h = owner, time.perf_counter()
-        if hardening:
-            objective = "probe" if hardening[0] == "probe" else "finetune"
-            cfg = HardenConfig(
-                steps=args.harden_steps,
-                alpha=args.harden_alpha,
-                seed=args.seed,
-                objective=objective,
-            )
-            model = nontransferable(owner, mask, owner_train, fresh_fn(make, args.seed + 99), cfg)
+        t_h = time.perf_counter()
+        cfg = HardenConfig(steps=args.harden_steps, alpha=args.harden_alpha, seed=args.seed)
+        hardens[name] = functools.partial(_harden, tuple(hardening), cfg, make)
+        model = hardens[name](owner, mask, owner_train) if hardening else owner
         owners[name] = model
         base, key = lock(model, mask, fill=fill, seed=args.seed)
         locks[name] = (spec, fill, mask, base)
