@@ -198,8 +198,8 @@ def main(args: argparse.Namespace) -> dict:
         locks[name] = (spec, fill, mask, base)
         result["locks"][name] = {
             "hardening": {
+                **{k: v for k, v in cfg.__dict__.items() if k != "objective"},
                 "steps": list(hardening),
-                **cfg.__dict__,
                 "seconds": round(time.perf_counter() - t_h, 1),
             }
             if hardening
