@@ -17,7 +17,7 @@ from torch import nn
 
 from adaloc.errors import ConfigError
 
-SELECTIONS = ("magnitude", "bottom", "random", "saliency", "adaptability")
+SELECTIONS = ("magnitude", "bottom", "random", "saliency", "adaptability", "first")
 # Views of the owner's data that "adaptability" saliency measures gradients under: corruption
 # kinds that the lifecycle bench does NOT use as its update shifts (invert/rotate/contrast),
 # so the rule is not tuned to the shifts it is scored on.
@@ -36,7 +36,9 @@ class KeySpec:
     selection: "magnitude" (paper: top rows by L1 norm), "bottom", "random", "saliency"
         (data-aware: first-order Taylor importance |grad * w| per parameter on owner data) or
         "adaptability" (the same importance summed over shifted views of the owner data:
-        the weights a shift would need to move, see ADAPTABILITY_VIEWS).
+        the weights a shift would need to move, see ADAPTABILITY_VIEWS) or "first" (rows of
+        the earliest weight tensors first, by magnitude within a tensor: the layers whose
+        features transfer best go into the key before any later one).
     granularity: "row" (filters / neurons) or "element" (single weights).
     seed: makes "random" selection and any sampling deterministic.
     include_norm: put every normalization-layer scale/shift in the key.
@@ -251,6 +253,10 @@ def select_key(model: nn.Module, spec: KeySpec, *, data=None) -> KeyMask:
         cost = torch.full((rows.shape[0],), float(rows.shape[1] + int(has_bias)))
         if spec.selection in ("magnitude", "bottom"):
             s = rows.abs().sum(1).float().cpu()
+        elif spec.selection == "first":
+            # earlier tensors outrank later ones; magnitude (in [0, 1)) orders within one
+            mag = rows.abs().sum(1).float().cpu()
+            s = (len(cand) - k) + 0.5 * mag / mag.max().clamp_min(1e-12)
         elif sal is not None:
             s = rows_view(sal[n], gran).sum(1).float().cpu() / cost
         else:

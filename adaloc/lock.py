@@ -16,7 +16,7 @@ from torch import nn
 from adaloc.errors import ConfigError, KeyMismatchError
 from adaloc.keys import KeyMask, rows_view
 
-FILLS = ("zeros", "noise", "matched")
+FILLS = ("zeros", "noise", "matched", "profile")
 # measured by bench/attacks.py: hides the key positions best, at no cost (unlock is exact)
 DEFAULT_FILL = "matched"
 # "matched" fill: multiplicative jitter on a donor row, so no filled row is a copy of a real one
@@ -151,6 +151,52 @@ def _fill_matched(t: torch.Tensor, idx: torch.Tensor, granularity: str, g: torch
     rows[sel] = src.to(t.dtype).to(t.device)
 
 
+def _nn_dist(prof: torch.Tensor) -> torch.Tensor:
+    """Each row's distance to its nearest other row, in normalized |value| profiles."""
+    d = torch.cdist(prof, prof).fill_diagonal_(float("inf")).amin(1)
+    return torch.where(torch.isfinite(d), d, torch.zeros_like(d))
+
+
+def _profile(rows: torch.Tensor) -> torch.Tensor:
+    return rows.abs().sort(1).values / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _fill_profile(t: torch.Tensor, idx: torch.Tensor, granularity: str, g: torch.Generator):
+    """Rows with a real row's value distribution and the real rows' correlation structure.
+
+    The Gaussian ``matched`` fill gives every keyed row near-Gaussian values (a mixture of
+    many rows), so per-row kurtosis and the nearest-row profile distance stand out (measured
+    by bench/positions_signal.py). Here each keyed row takes the *sorted values* of a random
+    donor row (its norm, mean and tails are real), placed in the rank order of a Gaussian
+    mixture row (so the pattern across inputs follows the real covariance), times a jitter
+    sized so the row's profile distance to its donor is a real nearest-row distance.
+    """
+    rows = rows_view(t, granularity)
+    n = int(idx.numel())
+    sel = torch.zeros(rows.shape[0], dtype=torch.bool, device=t.device)
+    sel[idx.to(t.device)] = True
+    donors = (~sel).nonzero().view(-1).cpu()
+    if n == 0:
+        return
+    if len(donors) < 2 or rows.shape[1] < 2:
+        # keyed whole or scalar rows: _fill_matched's rule (zeros / donor values)
+        _fill_matched(t, idx, granularity, g)
+        return
+    real = rows.detach()[donors.to(t.device)].float().cpu()
+    mu = real.mean(0, keepdim=True)
+    z = torch.randn(n, len(donors), generator=g) / (len(donors) - 1) ** 0.5
+    order = torch.argsort(mu + z @ (real - mu), 1)
+    pick = torch.randint(0, len(donors), (n,), generator=g)
+    vals = real[pick].sort(1).values
+    src = torch.empty_like(vals).scatter_(1, order, vals)
+    # jitter scale: distance grows ~linearly with it; aim at a real nearest-row distance
+    target = _nn_dist(_profile(real))[torch.randint(0, len(donors), (n,), generator=g)]
+    xi = torch.randn(src.shape, generator=g)
+    unit = (_profile(src * (1 + 0.1 * xi)) - _profile(src)).norm(dim=1) / 0.1
+    eps = (target / unit.clamp_min(1e-12)).clamp(0, 0.5)
+    rows[sel] = (src * (1 + eps[:, None] * xi)).to(t.dtype).to(t.device)
+
+
 def lock(model: nn.Module, mask: KeyMask, *, fill: str = DEFAULT_FILL, seed: int = 0):
     """Split ``model`` into (base, key): the base has its key positions filled.
 
@@ -167,7 +213,9 @@ def lock(model: nn.Module, mask: KeyMask, *, fill: str = DEFAULT_FILL, seed: int
     with torch.no_grad():
         for name in mask.names:
             t = state[name]
-            if fill == "matched":
+            if fill == "profile":
+                _fill_profile(t, mask.indices[name], mask.granularity, g)
+            elif fill == "matched":
                 _fill_matched(t, mask.indices[name], mask.granularity, g)
             else:
                 _fill(t, mask.positions(name, t), fill, g)

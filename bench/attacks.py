@@ -13,6 +13,7 @@ and DIR/attacks.png; ``bench/attacks_report.py`` renders the table and figure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import inspect
 import json
@@ -36,6 +37,7 @@ from adaloc.attacks import (
 )
 from adaloc.data import load_dataset, make_stages
 from adaloc.evaluate import accuracy, chance_level
+from adaloc.harden import HardenConfig, balance_fanout, nontransferable
 from adaloc.keys import KeySpec, select_key
 from adaloc.lock import FILLS, lock, random_key, unlock
 from adaloc.models import build_model
@@ -55,6 +57,19 @@ LOCKS = {
     "noise": ({}, "noise"),
     "key20": ({"budget": 0.2}, "matched"),
     "key50": ({"budget": 0.5}, "matched"),
+    "profile": ({}, "profile"),
+    "first": ({"selection": "first"}, DEFAULT_FILL),
+    "random_profile": ({"selection": "random"}, "profile"),
+    # SOPHON-style non-transferable training of the owner after key selection
+    "sophon": ({}, DEFAULT_FILL, "sophon"),
+    "sophon_profile": ({}, "profile", "sophon"),
+    "probe": ({}, DEFAULT_FILL, "probe"),
+    "probe_first": ({"selection": "first"}, DEFAULT_FILL, "probe"),
+    # function-preserving fan-out balancing (positions), alone and after the probe training
+    "balance": ({}, DEFAULT_FILL, "balance"),
+    "balance_profile": ({}, "profile", "balance"),
+    "probe_first_balance": ({"selection": "first"}, DEFAULT_FILL, "probe", "balance"),
+    "probe_first_balance_profile": ({"selection": "first"}, "profile", "probe", "balance"),
 }
 
 
@@ -82,6 +97,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--token-budget", type=int, default=4096, help="token search tries")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--harden-steps", type=int, default=400, help="sophon locks: outer steps")
+    p.add_argument("--harden-alpha", type=float, default=1.0, help="sophon: attacker weight")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -105,12 +122,12 @@ def _key_info(spec: KeySpec, fill: str, mask, owner) -> dict:
     }
 
 
-def _positions_by_fill(owner, spec, mask, shadow, data, make) -> dict:
-    """Position inference against the true mask for every fill (no training: cheap)."""
+def _positions_by_fill(owner, spec, mask, shadow, data, make, harden=None) -> dict:
+    """Position inference against the true mask for every fill (shadows hardened alike)."""
     out = {}
     for fill in FILLS:
         base, _ = lock(owner, mask, fill=fill)
-        det = shadow_detector([shadow], base, spec, fill, data, make)
+        det = shadow_detector([shadow], base, spec, fill, data, make, harden=harden)
         out[fill] = position_report(owner, spec, infer_positions(base, spec, det), mask).to_dict()
     return out
 
@@ -167,13 +184,27 @@ def main(args: argparse.Namespace) -> dict:
     jobs = len(fractions) * args.repeats * (1 + len(lock_names) * len(attacks))
     bar = tqdm(total=jobs, desc="attacks", disable=not progress, unit="search")
     locks, refs = {}, {}
+    owners, hardens = {}, {}
     for name in lock_names:
-        over, fill = LOCKS[name]
+        over, fill, *hardening = LOCKS[name]
         spec = KeySpec(**over)
         mask = select_key(owner, spec, data=owner_train)
-        base, key = lock(owner, mask, fill=fill, seed=args.seed)
+        t_h = time.perf_counter()
+        cfg = HardenConfig(steps=args.harden_steps, alpha=args.harden_alpha, seed=args.seed)
+        hardens[name] = functools.partial(_harden, tuple(hardening), cfg, make)
+        model = hardens[name](owner, mask, owner_train) if hardening else owner
+        owners[name] = model
+        base, key = lock(model, mask, fill=fill, seed=args.seed)
         locks[name] = (spec, fill, mask, base)
         result["locks"][name] = {
+            "hardening": {
+                **{k: v for k, v in cfg.__dict__.items() if k != "objective"},
+                "steps": list(hardening),
+                "seconds": round(time.perf_counter() - t_h, 1),
+            }
+            if hardening
+            else None,
+            "unhardened_owner_acc": accuracy(owner, test),
             "owner_acc": accuracy(unlock(base, key), test),
             "unauthorized_acc": accuracy(base, test),
             "random_key_acc": accuracy(unlock(base, random_key(key, seed=args.seed)), test),
@@ -191,7 +222,15 @@ def main(args: argparse.Namespace) -> dict:
             if rep == 0:
                 refs[frac] = (data, scratch_acc)
             for name, (spec, fill, mask, base) in locks.items():
-                det = shadow_detector([ref.model], base, spec, fill, data, fresh_fn(make, 11))
+                det = shadow_detector(
+                    [ref.model],
+                    base,
+                    spec,
+                    fill,
+                    data,
+                    fresh_fn(make, 11),
+                    harden=hardens[name] if LOCKS[name][2:] else None,
+                )
                 got = weight_attacks(
                     base,
                     spec,
@@ -211,7 +250,13 @@ def main(args: argparse.Namespace) -> dict:
                     )
                 if rep == 0 and frac == fractions[0]:
                     result["locks"][name]["positions_by_fill"] = _positions_by_fill(
-                        owner, spec, mask, ref.model, data, fresh_fn(make, 11)
+                        owners[name],
+                        spec,
+                        mask,
+                        ref.model,
+                        data,
+                        fresh_fn(make, 11),
+                        harden=hardens[name] if LOCKS[name][2:] else None,
                     )
         for name in locks:
             rows = result["locks"][name]["rows"]
@@ -234,6 +279,18 @@ def main(args: argparse.Namespace) -> dict:
     plot(result, out / "attacks.png")
     print((out / "attacks.md").read_text())
     return result
+
+
+def _harden(steps: tuple, cfg: HardenConfig, make, model, mask, train):
+    """The lock's hardening steps in order (also what the attacker applies to shadows)."""
+    for step in steps:
+        if step in ("sophon", "probe"):
+            objective = "probe" if step == "probe" else "finetune"
+            c = dataclasses.replace(cfg, objective=objective)
+            model = nontransferable(model, mask, train, fresh_fn(make, cfg.seed + 99), c)
+        elif step == "balance":
+            model = balance_fanout(model, mask)
+    return model
 
 
 def _row(attack: str, frac: float, n: int, vals: list) -> dict:

@@ -29,6 +29,7 @@ from adaloc.adapt import UpdateRecipe, adapt
 from adaloc.artifact import encode_base, encode_key
 from adaloc.data import load_dataset, make_stages
 from adaloc.evaluate import accuracy, chance_level
+from adaloc.harden import HardenConfig, nontransferable
 from adaloc.keys import SELECTIONS, KeySpec, select_key
 from adaloc.lock import (
     extract_key,
@@ -118,6 +119,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-speed", action="store_true", help="skip the side-by-side samples/s measurement"
     )
+    p.add_argument(
+        "--harden",
+        default="none",
+        choices=("none", "probe"),
+        help="adaloc.harden training of the base after key selection (issue 14)",
+    )
+    p.add_argument("--harden-alpha", type=float, default=HardenConfig.alpha)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/lifecycle", help="output folder")
@@ -152,10 +160,27 @@ def _recipe(args) -> UpdateRecipe:
 
 
 def run_chain(
-    model, spec, stages, recipe, full_cfg, *, epochs, seed=0, progress=True, with_full=True
+    model,
+    spec,
+    stages,
+    recipe,
+    full_cfg,
+    *,
+    epochs,
+    seed=0,
+    progress=True,
+    with_full=True,
+    harden=None,
 ) -> dict:
-    """Lock ``model`` with ``spec`` and run every update stage key-only (and fully, to compare)."""
+    """Lock ``model`` with ``spec`` and run every update stage key-only (and fully, to compare).
+
+    ``harden``: a HardenConfig; the model is trained non-transferable after key selection.
+    """
     mask = select_key(model, spec, data=stages[0].train)
+    if harden is not None:
+        fresh = copy.deepcopy(model)
+        make = lambda: _reinit(fresh)  # noqa: E731
+        model = nontransferable(model, mask, stages[0].train, make, harden)
     base, key = lock(model, mask)
     base_bytes = len(encode_base(base))
     outside = outside_key_sha256(base, mask)
@@ -221,6 +246,17 @@ def run_chain(
 
 
 RANDOM_KEYS = 5
+
+
+def _reinit(model):
+    """A fresh initialisation of ``model``'s architecture (every layer's reset_parameters)."""
+    out = copy.deepcopy(model)
+    for m in out.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if hasattr(m, "reset_running_stats"):
+            m.reset_running_stats()
+    return out
 
 
 def _random_key_accs(base, key, stage) -> dict:
@@ -328,7 +364,10 @@ def main(args: argparse.Namespace) -> dict:
     recipe = _recipe(args)
     spec = _spec(args, args.selection)
     chain_kw = {"epochs": args.epochs, "seed": args.seed, "progress": progress}
-    chain = run_chain(model, spec, stages, recipe, base_cfg, **chain_kw)
+    harden = None
+    if args.harden != "none":
+        harden = HardenConfig(objective=args.harden, alpha=args.harden_alpha, seed=args.seed)
+    chain = run_chain(model, spec, stages, recipe, base_cfg, harden=harden, **chain_kw)
     result = {
         "dataset": args.dataset,
         "model": args.model,
@@ -342,6 +381,7 @@ def main(args: argparse.Namespace) -> dict:
             "include_head": spec.include_head,
             "bn_stats": spec.bn_stats,
             "include_stem": spec.include_stem,
+            "harden": None if harden is None else harden.__dict__,
             "params_in_key": chain["params_in_key"],
             "params_total": chain["params_total"],
         },

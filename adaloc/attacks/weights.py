@@ -88,9 +88,20 @@ def refill(base: nn.Module, positions: KeyMask, fresh: nn.Module) -> nn.Module:
 
 
 def shadow_detector(
-    shadows, base: nn.Module, spec: KeySpec, fill: str, data: AttackerData, make_fresh, *, seed=1
+    shadows,
+    base: nn.Module,
+    spec: KeySpec,
+    fill: str,
+    data: AttackerData,
+    make_fresh,
+    *,
+    seed=1,
+    harden=None,
 ):
     """Learn to spot filled rows: lock models the attacker has with the public recipe.
+
+    ``harden(model, mask, train) -> model``: the recipe's hardening between key selection
+    and locking, which the attacker applies to its shadows too (Kerckhoffs).
 
     ``shadows``: networks of the same architecture the attacker trained itself (e.g. its
     scratch model). The stolen ``base`` is re-locked too (its card-disclosed tensors
@@ -108,6 +119,8 @@ def shadow_detector(
     for k, model in enumerate([*shadows, refill(base, forced, make_fresh())]):
         model = copy.deepcopy(model).to("cpu")
         mask = select_key(model, spec, data=data.train)
+        if harden is not None:
+            model = harden(model, mask, data.train)
         locked, _ = lock(model, mask, fill=fill, seed=seed + k)
         pairs.append((locked, mask))
     return fit_detector(pairs, spec)

@@ -35,7 +35,7 @@ def test_unknown_fields_from_newer_versions_warn():
     assert spec.budget == 0.05
 
 
-@pytest.mark.parametrize("selection", ["magnitude", "bottom", "random", "saliency"])
+@pytest.mark.parametrize("selection", ["magnitude", "bottom", "random", "saliency", "first"])
 @pytest.mark.parametrize("granularity", ["row", "element"])
 def test_budget_is_a_fraction_of_parameters(trained_tiny, tiny_data, selection, granularity):
     spec = KeySpec(budget=0.25, selection=selection, granularity=granularity)

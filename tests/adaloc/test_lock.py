@@ -14,7 +14,7 @@ from adaloc.lock import extract_key, lock, outside_key_sha256, state_sha256, unl
 from adaloc.training import TrainConfig, fit
 
 
-@pytest.mark.parametrize("fill", ["zeros", "noise", "matched"])
+@pytest.mark.parametrize("fill", ["zeros", "noise", "matched", "profile"])
 @pytest.mark.parametrize("granularity", ["row", "element"])
 def test_unlock_is_bit_identical(trained_tiny, fill, granularity):
     mask = select_key(trained_tiny, KeySpec(budget=0.3, granularity=granularity))

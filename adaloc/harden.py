@@ -1,0 +1,210 @@
+"""SOPHON-style non-transferable training: make the weights outside the key a bad start.
+
+After normal training and key selection, the owner keeps training all weights on two
+objectives at once: the key holder's loss (cross-entropy of base + key), and the outcome of
+a *simulated attacker* that refills the key positions from a fresh initialisation and
+fine-tunes every weight for a few SGD steps on a batch of the owner's images. The
+attacker's outputs after those steps are pushed towards the uniform distribution (SOPHON's
+fine-tuning suppression, S&P 2024), with a first-order (FOMAML) gradient: the attacker's
+gradient at its end point, applied to the weights outside the key.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adaloc.keys import KeyMask
+
+
+@dataclass(frozen=True)
+class HardenConfig:
+    """Outer loop (owner, Adam) and inner loop (simulated attacker, SGD) settings."""
+
+    steps: int = 400
+    lr: float = 1e-3
+    alpha: float = 1.0
+    objective: str = "finetune"  # or "probe": ridge probes on the refilled hidden layers
+    probe_batch: int = 256
+    ridge: float = 1.0
+    inner_steps: int = 10
+    inner_lrs: tuple[float, ...] = (0.01, 0.05, 0.1)
+    batch_size: int = 64
+    seed: int = 0
+
+
+def _uniform_ce(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to the uniform distribution: lowest when the output says nothing."""
+    return -torch.log_softmax(logits, 1).mean()
+
+
+@torch.no_grad()
+def _refilled(att: nn.Module, model: nn.Module, fresh: nn.Module, pos: dict) -> None:
+    """``att`` := ``model`` with the key positions (params and keyed buffers) from ``fresh``."""
+    new, own = fresh.state_dict(), model.state_dict()
+    for name, t in att.state_dict().items():
+        src = own[name]
+        t.copy_(torch.where(pos[name], new[name], src) if name in pos else src)
+
+
+def nontransferable(
+    model: nn.Module,
+    mask: KeyMask,
+    train,
+    make_fresh: Callable[[], nn.Module],
+    cfg: HardenConfig = HardenConfig(),
+) -> nn.Module:
+    """A copy of ``model`` trained to stay accurate with its key and resist refill + fine-tune.
+
+    ``mask`` stays valid (positions, not values); lock the result with it.
+    """
+    g = torch.Generator().manual_seed(cfg.seed)
+    model = copy.deepcopy(model).cpu().float().train()
+    att = copy.deepcopy(model)
+    pos = {n: mask.positions(n, t) for n, t in model.state_dict().items() if n in mask.indices}
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    n = len(train)
+
+    def batch():
+        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=g)
+        return train.x[idx], train.y[idx]
+
+    if cfg.objective == "probe":
+        return _probe_train(model, pos, train, make_fresh, cfg, g)
+    for step in range(cfg.steps):
+        torch.manual_seed(cfg.seed * 100_003 + step)
+        _refilled(att, model, make_fresh(), pos)
+        att.train()
+        lr = cfg.inner_lrs[int(torch.randint(0, len(cfg.inner_lrs), (1,), generator=g))]
+        inner = torch.optim.SGD(att.parameters(), lr=lr, momentum=0.9)
+        for _ in range(cfg.inner_steps):
+            xb, yb = batch()
+            inner.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(att(xb), yb).backward()
+            inner.step()
+        xa, _ = batch()
+        grads = torch.autograd.grad(_uniform_ce(att(xa)), list(att.parameters()))
+        x, y = batch()
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            for (name, p), ga in zip(model.named_parameters(), grads, strict=True):
+                if name in pos:
+                    ga = ga.masked_fill(pos[name], 0.0)  # the attacker's key is not ours
+                p.grad.add_(ga, alpha=cfg.alpha)
+        opt.step()
+    return model.eval()
+
+
+def _r2(ha: torch.Tensor, ya: torch.Tensor, hb: torch.Tensor, yb: torch.Tensor, lam: float):
+    """R^2 on batch b of a ridge probe fitted on batch a (features standardized on a)."""
+    mu, sd = ha.mean(0), ha.std(0).clamp_min(1e-3)
+    za, zb = (ha - mu) / sd, (hb - mu) / sd
+    ym = ya.mean(0)
+    eye = torch.eye(za.shape[1], dtype=za.dtype)
+    w = torch.linalg.solve(za.T @ za + lam * len(za) * eye, za.T @ (ya - ym))
+    err = (zb @ w + ym - yb).pow(2).sum()
+    return 1 - err / (yb - yb.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def _probe_train(model, pos, train, make_fresh, cfg: HardenConfig, g) -> nn.Module:
+    """Owner CE + alpha * R^2 of linear probes on every hidden ReLU of the refilled network.
+
+    The refill puts fresh values at the key positions; the probes see only what the base
+    publishes, so the gradient pushes the public features to carry nothing linear about y.
+    """
+    from torch.func import functional_call
+
+    acts: list[torch.Tensor] = []
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+
+    def hook(_m, _i, out):
+        acts.append(out.mean((2, 3)) if out.dim() == 4 else out)
+
+    handles = [m.register_forward_hook(hook) for m in relus]
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    n, k = len(train), int(train.y.max()) + 1
+    try:
+        for step in range(cfg.steps):
+            torch.manual_seed(cfg.seed * 100_003 + step)
+            fresh = dict(make_fresh().state_dict())
+            idx = torch.randint(0, n, (2 * min(cfg.probe_batch, n // 2),), generator=g)
+            x, y = train.x[idx], train.y[idx]
+            state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+            att = {
+                name: torch.where(pos[name], fresh[name], t) if name in pos else t
+                for name, t in state.items()
+            }
+            acts.clear()
+            functional_call(model, att, (x,))
+            half = len(x) // 2
+            yo = nn.functional.one_hot(y, k).float()
+            r2 = torch.stack(
+                [_r2(h[:half], yo[:half], h[half:], yo[half:], cfg.ridge) for h in acts]
+            )
+            acts.clear()
+            loss = nn.functional.cross_entropy(model(x[:half]), y[:half])
+            acts.clear()
+            opt.zero_grad(set_to_none=True)
+            (loss + cfg.alpha * r2.clamp_min(0).mean()).backward()
+            opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    return model.eval()
+
+
+_PASS = (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity)
+
+
+@torch.no_grad()
+def balance_fanout(model: nn.Module, mask: KeyMask | None = None) -> nn.Module:
+    """Give every hidden unit the same outgoing weight norm, without changing the function.
+
+    The position detector's strongest signal against a data-aware key is the *fan-out*: the
+    norm of what a keyed unit feeds into the next layer, a public tensor the fill cannot
+    touch (bench/positions_signal.py). ReLU nets are positively homogeneous: scaling a
+    unit's output by a > 0 (its row and bias, or its BatchNorm scale and shift) and its
+    outgoing column by 1 / a computes the same function, so each column is set to the
+    layer's mean norm. Pairs are balanced from the top down (each step changes only the
+    rows of the layer below); a consumer keyed whole (the head) hides its columns anyway
+    and is skipped. Works on ``nn.Sequential`` chains (cnn, mlp); returns a new model.
+    """
+    model = copy.deepcopy(model)
+    mods = list(model.named_children()) if isinstance(model, nn.Sequential) else []
+    whole = set()
+    if mask is not None:
+        state = model.state_dict()
+        whole = {n for n, i in mask.indices.items() if i.numel() == len(state[n]) and n in state}
+    pairs, producer = [], None
+    for name, m in mods:
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if producer is not None:
+                pairs.append((producer, (name, m)))
+            producer = [(name, m), None]
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and producer is not None:
+            producer[1] = m
+        elif not isinstance(m, _PASS):
+            producer = None  # anything else: not known to commute with positive scaling
+    for (_pname, p), bn, (cname, c) in ((pr[0], pr[1], co) for pr, co in reversed(pairs)):
+        if f"{cname}.weight" in whole:
+            continue
+        units = bn.num_features if bn is not None else p.weight.shape[0]
+        if c.weight.shape[1] % units:
+            continue
+        cols = c.weight.view(c.weight.shape[0], units, -1)
+        norm = cols.pow(2).sum((0, 2)).sqrt()
+        a = (norm / norm.mean()).clamp_min(1e-6)
+        cols.div_(a[None, :, None])
+        if bn is not None:
+            bn.weight.mul_(a)
+            bn.bias.mul_(a)
+        else:
+            p.weight.mul_(a.view(-1, *([1] * (p.weight.dim() - 1))))
+            if p.bias is not None:
+                p.bias.mul_(a)
+    return model

@@ -1,0 +1,84 @@
+"""Hardening: the probe-trained base keeps the key holder's accuracy, and its public part
+stops carrying linear information; the "first" placement and the "profile" fill."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adaloc.data import ImageSet
+from adaloc.evaluate import accuracy
+from adaloc.harden import HardenConfig, _r2, nontransferable
+from adaloc.keys import KeySpec, select_key
+from adaloc.lock import lock, unlock
+from adaloc.training import TrainConfig, fit
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(144, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
+    )
+
+
+def _fresh(seed: int = 5):
+    def make():
+        torch.manual_seed(seed)
+        return _mlp()
+
+    return make
+
+
+def _public_r2(model: nn.Module, mask, data: ImageSet) -> float:
+    """R^2 of a ridge probe on the public (non-key) units of the first hidden layer."""
+    base, _ = lock(model, mask, fill="zeros")
+    public = torch.ones(64, dtype=torch.bool)
+    public[mask.indices["1.weight"]] = False
+    with torch.no_grad():
+        h = base[:3](data.x)[:, public]
+    y = nn.functional.one_hot(data.y, 4).float()
+    half = len(y) // 2
+    return float(_r2(h[:half], y[:half], h[half:], y[half:], 1.0))
+
+
+def test_probe_hardening_keeps_accuracy_and_hides_features(tiny_data):
+    torch.manual_seed(0)
+    owner = _mlp()
+    fit(owner, tiny_data, TrainConfig(epochs=4, lr=0.05, seed=0, device="cpu"), progress=False)
+    mask = select_key(owner, KeySpec(budget=0.3, selection="first"))
+    cfg = HardenConfig(steps=150, alpha=3.0, objective="probe", probe_batch=128)
+    hard = nontransferable(owner, mask, tiny_data, _fresh(), cfg)
+    base, key = lock(hard, mask)
+    assert accuracy(unlock(base, key), tiny_data) >= accuracy(owner, tiny_data) - 0.03
+    assert accuracy(base, tiny_data) <= 0.35  # still locked (4 classes)
+    before, after = _public_r2(owner, mask, tiny_data), _public_r2(hard, mask, tiny_data)
+    assert after < before - 0.2, (before, after)
+
+
+def test_first_selection_fills_the_earliest_tensor_first():
+    torch.manual_seed(0)
+    model = _mlp()
+    mask = select_key(model, KeySpec(budget=0.2, selection="first"))
+    # the head is forced; the budget left goes to layer 1's rows before any of layer 2's
+    assert "1.weight" in mask.indices and "3.weight" not in mask.indices
+    assert torch.equal(mask.indices["1.bias"], mask.indices["1.weight"])
+
+
+def test_profile_fill_rows_keep_real_tails(trained_tiny):
+    """A profile-filled row has a real row's kurtosis (a Gaussian mixture row would not)."""
+    mask = select_key(trained_tiny, KeySpec(budget=0.3, include_norm=False, include_head=False))
+    name = max(
+        (n for n in mask.indices if trained_tiny.state_dict()[n].dim() >= 2),
+        key=lambda n: mask.indices[n].numel(),
+    )
+
+    def kurt(rows):
+        c = rows - rows.mean(1, keepdim=True)
+        return (c.pow(4).mean(1) / c.pow(2).mean(1).pow(2)).median()
+
+    w = trained_tiny.state_dict()[name].flatten(1)
+    real = torch.ones(len(w), dtype=torch.bool)
+    real[mask.indices[name]] = False
+    base, _ = lock(trained_tiny, mask, fill="profile")
+    got = base.state_dict()[name].flatten(1)[mask.indices[name]]
+    ratio = float(kurt(got) / kurt(w[real]))
+    assert 0.7 < ratio < 1.4, ratio
