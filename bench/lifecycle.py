@@ -94,6 +94,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="update steps without val gain before stopping",
     )
     p.add_argument(
+        "--start-margin",
+        type=float,
+        default=rec.start_margin,
+        help="val gain (in standard errors) an update needs to leave its start",
+    )
+    p.add_argument(
         "--no-bn-recalibration",
         action="store_true",
         help="do not re-estimate BatchNorm statistics on each update stage",
@@ -146,6 +152,7 @@ def _recipe(args) -> UpdateRecipe:
         min_steps=args.min_steps,
         max_epochs=args.max_epochs,
         patience_steps=args.patience_steps,
+        start_margin=args.start_margin,
         recalibrate_bn=not args.no_bn_recalibration,
         polarity_candidate=not args.no_polarity_candidate,
     )
