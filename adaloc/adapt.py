@@ -56,6 +56,9 @@ class UpdateRecipe:
     recalibrate_bn: bool = True
     polarity_candidate: bool = True
     batch_size: int = 64
+    # leave the start only for a val accuracy gain of this many standard errors of the
+    # start's val accuracy (0: any gain, ties broken by val loss); see bench/README.md
+    start_margin: float = 0.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -65,10 +68,10 @@ class UpdateRecipe:
                 f"lr should be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}"
             )
         counts = (self.min_steps, self.max_epochs, self.patience_steps, self.batch_size)
-        if self.min_steps < 0 or min(counts[1:]) < 1:
+        if self.min_steps < 0 or min(counts[1:]) < 1 or self.start_margin < 0:
             raise ConfigError(
-                "min_steps >= 0 and max_epochs, patience_steps, batch_size >= 1 expected; "
-                f"got {counts}"
+                "min_steps >= 0, start_margin >= 0 and max_epochs, patience_steps, batch_size "
+                f">= 1 expected; got {counts} and start_margin {self.start_margin}"
             )
 
     def to_dict(self) -> dict:
@@ -100,6 +103,7 @@ class UpdateReport:
     val_start: float | None
     val_best: float | None
     start: str = "parent"  # parent statistics | reestimated | flipped (polarity candidate)
+    kept_start: bool = False  # the best epoch's val gain was under the recipe's start_margin
 
     def to_dict(self) -> dict:
         """Plain dict, for JSON."""
@@ -195,6 +199,12 @@ def _try_polarity(model, first, train, val, mask, snapshot) -> bool:
     return False
 
 
+def _below_margin(best: tuple, start: tuple, n_val: int, margin: float) -> bool:
+    """Whether the val accuracy gain best - start is under ``margin`` standard errors."""
+    p = min(max(start[0], 0.5 / n_val), 1 - 0.5 / n_val)  # no zero spread at 0% or 100%
+    return best[0] - start[0] < margin * math.sqrt(p * (1 - p) / n_val)
+
+
 def planned_epochs(recipe: UpdateRecipe, n_train: int, epochs: int) -> int:
     """The caller's epochs, raised until at least ``min_steps`` steps, capped at max_epochs."""
     steps_per_epoch = max(1, math.ceil(n_train / recipe.batch_size))
@@ -255,7 +265,8 @@ def adapt(
     steps_per_epoch = max(1, math.ceil(len(train) / recipe.batch_size))
     patience = max(1, math.ceil(recipe.patience_steps / steps_per_epoch))
     start = _score(model, val) if has_val else None
-    best = {"score": start, "epoch": 0, "state": snapshot() if has_val else None, "run": 0}
+    start_state = snapshot() if has_val else None
+    best = {"score": start, "epoch": 0, "state": start_state, "run": 0}
 
     def on_epoch_end(epoch: int, m: nn.Module) -> bool:
         best["run"] = epoch + 1
@@ -269,6 +280,14 @@ def adapt(
     rep: TrainReport = fit(
         model, train, cfg, mask=mask, on_epoch_end=on_epoch_end, desc=desc, progress=progress
     )
+    kept_start = (
+        has_val
+        and best["epoch"] > 0
+        and _below_margin(best["score"], start, len(val), recipe.start_margin)
+    )
+    if kept_start:
+        # a gain within the val split's noise: the start is the safer choice
+        best.update(score=start, epoch=0, state=start_state)
     if has_val and best["epoch"] != best["run"]:
         # load the best epoch's values (key tensors only when key-only: the rest never moved)
         _load(model, best["state"])
@@ -282,4 +301,5 @@ def adapt(
         val_start=start[0] if has_val else None,
         val_best=best["score"][0] if has_val else None,
         start=origin,
+        kept_start=kept_start,
     )

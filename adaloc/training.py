@@ -5,12 +5,15 @@ only zeroed gradients, so biases, BatchNorm statistics, momentum with weight dec
 AdamW's decoupled decay still moved the "frozen" network):
 
 1. tensors without key positions are excluded from the optimizer and get no gradient;
-2. gradients of keyed tensors are masked to the key positions (so momentum and Adam moments
-   stay zero outside the key);
-3. after every optimizer step the non-key values of *partly keyed* tensors are written back
-   from a snapshot taken at the start (this also undoes weight decay there); tensors wholly
-   in the key have nothing to write back, and tensors without key positions cannot move
-   (no gradient, not in the optimizer), so nothing else is copied per step;
+2. gradients of keyed tensors are exactly zero outside the key positions (so momentum and
+   Adam moments stay zero there): a partly keyed convolution computes only its key rows'
+   weight gradient (:mod:`adaloc.keygrad`, cheaper than full fine-tuning's), any other
+   partly keyed tensor gets its gradient masked;
+3. an optimizer step then leaves every non-key value bit-identical unless weight decay
+   moves it (SGD, Adam and AdamW without decay step by zero where the gradient was always
+   zero), so the non-key values of partly keyed tensors are written back from a snapshot
+   after every step only when ``weight_decay > 0``, and otherwise once per epoch (a no-op
+   kept so the guarantee does not rest on the optimizer's arithmetic alone);
 4. BatchNorm layers whose statistics are not in the key run in eval mode; buffers outside
    the key (e.g. ``num_batches_tracked`` of a keyed BatchNorm, which only counts steps) are
    written back at every epoch end (before any callback sees the model) and at close.
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from adaloc import keygrad
 from adaloc.device import autocast, best_device, grad_scaler
 from adaloc.errors import ConfigError
 from adaloc.keys import KeyMask
@@ -88,17 +92,26 @@ class KeyGuard:
         self._pos = {n: mask.positions(n, state[n].detach()) for n in mask.names}
         params = dict(model.named_parameters())
         self._requires = {n: p.requires_grad for n, p in params.items()}
-        self._hooks = []
+        self._hooks, self._restricted = [], []
+        modules = dict(model.named_modules())
         for n, p in params.items():
-            if n in self._pos:
-                p.requires_grad_(True)
-                if not bool(self._pos[n].all()):  # a wholly keyed tensor needs no mask
-                    keep = self._pos[n].to(p.dtype)
-                    self._hooks.append(p.register_hook(lambda g, keep=keep: g * keep))
-            else:
+            if n not in self._pos:
                 p.requires_grad_(False)
-        # Snapshot of everything that could change. Per step only partly keyed tensors are
-        # written back: a full write-back of every buffer cost ~10% of a key-only epoch.
+                continue
+            p.requires_grad_(True)
+            if bool(self._pos[n].all()):  # a wholly keyed tensor needs no mask
+                continue
+            owner, _, leaf = n.rpartition(".")
+            module = modules.get(owner)
+            if mask.granularity == "row" and leaf == "weight" and keygrad.supports(module):
+                keygrad.restrict_weight_grad(module, mask.indices[n])
+                self._restricted.append(module)
+            else:
+                # masked_fill, not a product: a NaN gradient must not reach non-key values
+                off = ~self._pos[n]
+                self._hooks.append(p.register_hook(lambda g, off=off: g.masked_fill(off, 0)))
+        # Snapshot of everything that could change: partly keyed tensors' non-key values and
+        # buffers outside the key (a full per-step write-back cost ~10% of a key-only epoch).
         buffers = dict(model.named_buffers())
         self._partial = {
             n: (state[n], self._pos[n], state[n].detach()[~self._pos[n]].clone())
@@ -153,6 +166,8 @@ class KeyGuard:
         self.restore_buffers()
         for h in self._hooks:
             h.remove()
+        for module in self._restricted:
+            keygrad.release(module)
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._requires[n])
 
@@ -166,6 +181,11 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def moves_without_gradient(cfg: TrainConfig) -> bool:
+    """Whether ``cfg``'s optimizer can move a value whose gradient is always zero (decay)."""
+    return cfg.weight_decay > 0
 
 
 def _batches(n: int, batch_size: int, g: torch.Generator):
@@ -220,6 +240,7 @@ def run_loop(
     total = cfg.epochs * steps_per_epoch
     sched = cosine_schedule(opt, cfg, total)
     scaler = grad_scaler(device, cfg.amp)
+    write_back = guard is not None and moves_without_gradient(cfg)
     loss_fn = loss_fn or nn.functional.cross_entropy
     report = TrainReport(seconds=0.0, steps=0)
     t0 = time.perf_counter()
@@ -243,7 +264,7 @@ def run_loop(
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
-                if guard:
+                if write_back:
                     guard.restore()
                 if sched:
                     sched.step()
@@ -255,6 +276,7 @@ def run_loop(
             report.losses.append(running / max(seen, 1))
             if guard:
                 # once per epoch, not per step: callbacks snapshot a model that is whole
+                guard.restore()
                 guard.restore_buffers()
             if on_epoch_end is not None and on_epoch_end(epoch, model) is True:
                 break

@@ -135,3 +135,34 @@ def test_polarity_candidate_wins_on_inverted_data_only(trained_tiny, tiny_data):
         assert outside_key_sha256(model, mask) == outside_key_sha256(trained_tiny, mask)
         assert accuracy(model, test) > 0.9, name  # lr 1e-6: the start alone does this
     assert flips["inverted"] == "flipped" and flips["clean"] in ("parent", "reestimated")
+
+
+def test_start_margin_keeps_the_start_unless_the_val_gain_clears_it(trained_tiny, tiny_data):
+    """A val gain within the margin (in standard errors) reverts to the start's key values."""
+    from adaloc.adapt import _below_margin
+    from adaloc.lock import extract_key
+
+    assert _below_margin((0.82, 0.0), (0.80, 0.0), 75, 1.0)  # 2 points < 1 SE (4.6 points)
+    assert not _below_margin((0.90, 0.0), (0.80, 0.0), 75, 1.0)
+    assert not _below_margin((0.81, 0.0), (0.80, 0.0), 75, 0.0)
+    with pytest.raises(ConfigError, match="start_margin"):
+        UpdateRecipe(start_margin=-1)
+    mask = select_key(trained_tiny, KeySpec(budget=0.3), data=tiny_data)
+    train, val, _ = _split(_inverted(tiny_data), 256, 128)
+    keys = {}
+    for margin in (0.0, 1e6):
+        model = copy.deepcopy(trained_tiny)
+        recipe = UpdateRecipe(
+            min_steps=60,
+            max_epochs=15,
+            patience_steps=30,
+            recalibrate_bn=False,
+            start_margin=margin,
+        )
+        rep = adapt(model, train, val, mask=mask, recipe=recipe, epochs=1, progress=False)
+        keys[margin] = (rep, extract_key(model, mask, base_sha256=""))
+    moved, kept = keys[0.0][0], keys[1e6][0]
+    assert moved.best_epoch > 0 and not moved.kept_start and moved.val_best > moved.val_start
+    assert kept.kept_start and kept.best_epoch == 0 and kept.val_best == kept.val_start
+    start_key = extract_key(trained_tiny, mask, base_sha256="")  # no re-estimation: the parent
+    assert all(torch.equal(keys[1e6][1].values[n], v) for n, v in start_key.values.items())
