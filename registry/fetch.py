@@ -105,15 +105,16 @@ def fetch(
     registry_uri: str | None = None,
     label: str = "",
     progress: Progress | None = None,
+    attempts: int = ATTEMPTS,
 ) -> Path:
     """Stream ``artifact_uri`` to ``dst`` (0600), at most ``max_bytes``; check length/sha256.
 
     LimitError past the cap, IntegrityError on a wrong length or hash (``dst`` removed),
-    UnavailableError after bounded retries on transport errors.
+    UnavailableError after ``attempts`` tries on transport errors (1: a probe that may miss).
     """
     directory, name = artifact_uri.rstrip("/").rsplit("/", 1)
     what = label or name
-    for attempt in range(ATTEMPTS):
+    for attempt in range(attempts):
         try:
             return _fetch_once(
                 _repo(directory, tracking_uri, registry_uri),
@@ -129,10 +130,10 @@ def fetch(
             raise
         except Exception as err:  # noqa: BLE001 - requests/boto/mlflow raise many types
             Path(dst).unlink(missing_ok=True)
-            if attempt + 1 == ATTEMPTS:
+            if attempt + 1 >= attempts:
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
                 raise UnavailableError(
-                    f"download of {what} failed after {ATTEMPTS} attempts ({first}); "
+                    f"download of {what} failed after {attempts} attempt(s) ({first}); "
                     "the installed version is unchanged, try again later"
                 ) from err
             time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])

@@ -26,6 +26,8 @@ from adaloc.formats import (
     TOKEN_FILE,
     sha256_bytes,
 )
+from registry import record_cache as RC
+from registry import run_io
 from registry import site_files as F
 from registry import trust as T
 from registry import trust_io as IO
@@ -40,7 +42,6 @@ from registry.errors import (
     TrustError,
     UnavailableError,
 )
-from registry.fetch import fetch
 from registry.fsutil import atomic_write_bytes, atomic_write_json
 from registry.progress import Progress
 from registry.records import PullResult
@@ -70,6 +71,7 @@ class Site(SiteInstalled):
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self._registry = None
+        self._hint: tuple[str, ...] = ()  # trust runs the last pull found (record_cache)
 
     # -- init ------------------------------------------------------------------------------
 
@@ -129,7 +131,6 @@ class Site(SiteInstalled):
         """The site's X25519 public key, to hand to the owner (`adaloc keys site-add`)."""
         return (self.directory / SITE_PUBLIC_FILE).read_bytes()
 
-    @property
     def set_tracking_uri(self, tracking_uri: str, registry_uri: str | None = None) -> None:
         """Point the site at another address of its registry (moved, proxy, mirror).
 
@@ -154,7 +155,25 @@ class Site(SiteInstalled):
             self._registry = KeyRegistry(
                 uri, cfg["model_name"], registry_uri=cfg.get("registry_uri")
             )
+            hints = RC.load_hints(self.directory, uri, cfg["model_name"])
+            self._hint = RC.seed(self._registry, hints)
         return self._registry
+
+    def _newest_timestamp(self, trusted: T.RootSigned):
+        """IO.newest_timestamp, started from the last pull's hints; stale hints (a failure
+        while using them) are dropped and the lookup done again without them."""
+        reg = self.registry()
+        try:
+            got = IO.newest_timestamp(reg, trusted, hint=self._hint)
+        except Exception:
+            if not self._hint:
+                raise
+            (self.directory / RC.HINTS_FILE).unlink(missing_ok=True)
+            self._registry = None
+            reg = self.registry()
+            got = IO.newest_timestamp(reg, trusted)
+        RC.save_hints(self.directory, reg, got[3])
+        return got
 
     def _online(self, what: str, call: Callable):
         try:
@@ -194,8 +213,9 @@ class Site(SiteInstalled):
         trusted = self._trusted_root()  # local files first: a bad one fails before any I/O
         reg = self.registry()
         env, ts, root, run_id = self._online(
-            "read signed records", lambda: IO.newest_timestamp(reg, trusted)
+            "read signed records", lambda: self._newest_timestamp(trusted)
         )
+        reg = self.registry()  # (re-made when stale hints were dropped)
         IO.check_fresh(ts)
         seen = F.read_model(
             self.directory / F.SEEN_FILE, F.Seen, "rollback guard", missing=F.Seen(counter=0)
@@ -259,7 +279,10 @@ class Site(SiteInstalled):
         ts, root = self._signed_state(allow_rollback)
         reg = self.registry()
         version = IO.resolve_ref(ts, root, ref)
-        tg = self._online("read targets", lambda: IO.read_targets(reg, ts, root, version))
+        records = RC.RecordCache(self.directory / RC.RECORDS_DIR)
+        tg = self._online(
+            "read targets", lambda: IO.read_targets(reg, ts, root, version, cache=records)
+        )
         if str(ref).strip() == "production":
             promo = IO.production(ts, root)
             if not tg.gate.passed and not promo.gate_override:
@@ -300,23 +323,18 @@ class Site(SiteInstalled):
         t = time.perf_counter()
         k = tg.files["key.sealed"]
         keys_dir = self.directory / "cache" / "keys"
-        part = keys_dir / f".v{version}.sealed.download"
-        self._online(
-            "download key",
-            lambda: fetch(
-                self._uri(reg, k),
-                part,
-                max_bytes=k.length,
-                expect_sha256=k.sha256,
-                expect_length=k.length,
-                tracking_uri=reg.tracking_uri,
-                registry_uri=reg.registry_uri,
-                label=f"key v{version}",
-                progress=progress,
-            ),
-        )
-        blob = part.read_bytes()
-        os.replace(part, keys_dir / f"v{version}.sealed")
+        blob = RC.RecordCache(keys_dir).get_file(f"v{version}.sealed", k.sha256, k.length)
+        if blob is None:  # not cached (or damaged there): download, capped and hash-checked
+            part = keys_dir / f".v{version}.sealed.download"
+            self._online(
+                "download key",
+                lambda: run_io.fetch_file(
+                    reg, k.run_id, k.path, part, max_bytes=k.length, expect_sha256=k.sha256,
+                    expect_length=k.length, label=f"key v{version}", progress=progress,
+                ),
+            )  # fmt: skip
+            blob = part.read_bytes()
+            os.replace(part, keys_dir / f"v{version}.sealed")
         seconds["download_key"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -362,11 +380,6 @@ class Site(SiteInstalled):
             bytes_base,
             len(blob),
             seconds,
-        )
-
-    def _uri(self, reg, entry: T.FileEntry) -> str:
-        return (
-            f"{self._online('find run', lambda: IO.artifact_uri(reg, entry.run_id))}/{entry.path}"
         )
 
     def _open(self, blob: bytes, tg: T.TargetsSigned, root: T.RootSigned) -> dict[str, bytes]:
@@ -435,18 +448,12 @@ class Site(SiteInstalled):
         for name, e in ((MODEL_CARD_FILE, c), (BASE_FILE, b)):
             self._online(
                 f"download {name}",
-                lambda e=e, name=name: fetch(
-                    self._uri(reg, e),
-                    staging / name,
-                    max_bytes=e.length,
-                    expect_sha256=e.sha256,
-                    expect_length=e.length,
-                    tracking_uri=reg.tracking_uri,
-                    registry_uri=reg.registry_uri,
-                    label="base" if name == BASE_FILE else name,
-                    progress=progress,
+                lambda e=e, name=name: run_io.fetch_file(
+                    reg, e.run_id, e.path, staging / name, max_bytes=e.length,
+                    expect_sha256=e.sha256, expect_length=e.length,
+                    label="base" if name == BASE_FILE else name, progress=progress,
                 ),
-            )
+            )  # fmt: skip
         atomic_write_json(
             staging / "verified.json",
             {"base": b.sha256, "card": c.sha256, "base_sha256": tg.base_sha256},
