@@ -16,7 +16,6 @@ import re
 from pathlib import Path
 
 from adaloc.formats import sha256_bytes
-from registry.fsutil import atomic_write_bytes, atomic_write_json
 
 RECORDS_DIR, HINTS_FILE = "cache/records", "cache/registry.json"
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -56,7 +55,7 @@ class RecordCache:
         """Keep ``data`` (already verified by the caller) under its sha256."""
         path = self._path(sha256)
         if path is not None and sha256_bytes(data) == sha256 and not path.is_file():
-            atomic_write_bytes(path, data, mode=0o600)
+            _write(path, data)
 
 
 def load_hints(site_dir: Path, tracking_uri: str, model_name: str) -> dict:
@@ -105,4 +104,21 @@ def save_hints(site_dir: Path, store, trust_run_id: str) -> None:
         "trust_runs": {trust_run_id: uri},
     }
     if load_hints(site_dir, store.tracking_uri, store.model_name) != hints:
-        atomic_write_json(Path(site_dir) / HINTS_FILE, hints)
+        _write(Path(site_dir) / HINTS_FILE, json.dumps(hints, indent=2).encode())
+
+
+def _write(path: Path, data: bytes) -> None:
+    """0600 temp file + rename, without fsync: a cache entry lost in a crash is fetched
+    again, and a torn one fails its hash check (records) or its shape check (hints)."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:  # mkstemp creates it 0600
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

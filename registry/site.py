@@ -11,6 +11,7 @@ is written only by :meth:`Site.export`. Layout: see ``registry.site_files``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -362,11 +363,13 @@ class Site(SiteInstalled):
             "previous": previous,
         }
         staging = F.new_set_dir(self.directory, version)
-        atomic_write_bytes(staging / KEY_FILE, parts["key"], mode=0o600)
-        atomic_write_bytes(staging / MODEL_CARD_FILE, (base_dir / MODEL_CARD_FILE).read_bytes())
+        F.write_set_file(staging, KEY_FILE, parts["key"])
+        F.write_set_file(staging, MODEL_CARD_FILE, (base_dir / MODEL_CARD_FILE).read_bytes())
         if "token" in parts:
-            atomic_write_bytes(staging / TOKEN_FILE, parts["token"], mode=0o600)
-        atomic_write_json(staging / F.STATE_FILE, new_state)
+            F.write_set_file(staging, TOKEN_FILE, parts["token"])
+        F.write_set_file(
+            staging, F.STATE_FILE, (json.dumps(new_state, indent=2, sort_keys=True) + "\n").encode()
+        )
         F.switch_current(self.directory, staging)
         seconds["install"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0
