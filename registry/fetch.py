@@ -35,12 +35,15 @@ def _repo(artifact_dir: str, tracking_uri: str | None, registry_uri: str | None)
     )
 
 
-def _http_chunks(repo, name: str, max_bytes: int):
+def _http_chunks(repo, name: str, max_bytes: int, probe: bool = False):
     from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
 
     # The proxied download endpoint is what HttpArtifactRepository._download_file calls; the
-    # repository exposes no streamed reader, so its host credentials are reused here.
-    resp = http_request(repo._host_creds, posixpath.join("/", name), "GET", stream=True)
+    # repository exposes no streamed reader, so its host credentials are reused here. A probe
+    # turns off MLflow's own retries: the server answers 500 for a missing file, which it
+    # would retry with exponential backoff for minutes.
+    retries = {"max_retries": 0} if probe else {}
+    resp = http_request(repo._host_creds, posixpath.join("/", name), "GET", stream=True, **retries)
     try:
         augmented_raise_for_status(resp)
         yield from resp.iter_content(chunk_size=CHUNK)
@@ -48,7 +51,7 @@ def _http_chunks(repo, name: str, max_bytes: int):
         resp.close()
 
 
-def _s3_chunks(repo, name: str, max_bytes: int):
+def _s3_chunks(repo, name: str, max_bytes: int, probe: bool = False):
     bucket, prefix = repo.parse_s3_compliant_uri(repo.artifact_uri)
     body = repo._get_s3_client().get_object(
         Bucket=bucket, Key=posixpath.join(prefix, name), Range=f"bytes=0-{max_bytes}"
@@ -60,13 +63,13 @@ def _s3_chunks(repo, name: str, max_bytes: int):
         body.close()
 
 
-def _local_chunks(repo, name: str, max_bytes: int):
+def _local_chunks(repo, name: str, max_bytes: int, probe: bool = False):
     with open(Path(repo.artifact_dir) / name, "rb") as f:
         while chunk := f.read(min(CHUNK, max_bytes + 1)):
             yield chunk
 
 
-def _fallback_chunks(repo, name: str, max_bytes: int):
+def _fallback_chunks(repo, name: str, max_bytes: int, probe: bool = False):
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,6 +128,7 @@ def fetch(
                 expect_length,
                 what,
                 progress,
+                attempts == 1,
             )
         except RegistryError:
             raise
@@ -140,14 +144,14 @@ def fetch(
     raise AssertionError("unreachable")
 
 
-def _fetch_once(repo, name, dst, max_bytes, expect_sha256, expect_length, what, progress):
+def _fetch_once(repo, name, dst, max_bytes, expect_sha256, expect_length, what, progress, probe):
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     digest, done = hashlib.sha256(), 0
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in _chunks_for(repo)(repo, name, max_bytes):
+            for chunk in _chunks_for(repo)(repo, name, max_bytes, probe):
                 done += len(chunk)
                 if done > max_bytes:
                     raise LimitError(

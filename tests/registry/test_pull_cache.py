@@ -94,6 +94,35 @@ def test_damaged_or_planted_cache_entries_are_ignored(world):
     assert json.loads((site.directory / HINTS_FILE).read_text())["experiment"][0] != "999999"
 
 
+def test_key_prefetch_is_used_only_when_the_signed_entry_names_it(world):
+    from types import SimpleNamespace
+
+    from registry.prefetch import KeyPrefetch
+
+    reg, owner, site, lm, _ = world
+    keys = site.directory / "cache/keys"
+    assert (keys / "v3.sealed").is_file()  # held: sizes the prefetch of v4
+    publish(reg, lm, owner, 4, parent=3, aliases=("production",))
+    state = site.installed()
+    r = site.pull()
+    assert (r.version, r.model_sha256, r.changed) == (4, lm.model_sha256[4], True)
+    assert not list(keys.glob(".*prefetch*"))  # the prefetch file never outlives the pull
+    # The same download offered for another signed entry (other run, other hash) is refused.
+    kv4 = reg.resolve(4, with_metrics=False)
+    pf = KeyPrefetch.start(reg, keys, 99, kv4.run_id, state)
+    assert pf is not None
+    try:
+        real = (keys / "v4.sealed").read_bytes()
+        good = SimpleNamespace(run_id=kv4.run_id, path="key/key.sealed", length=len(real),
+                               sha256=hashlib.sha256(real).hexdigest())  # fmt: skip
+        assert pf.take(good) == real
+        assert pf.take(SimpleNamespace(**{**vars(good), "sha256": "0" * 64})) is None
+        assert pf.take(SimpleNamespace(**{**vars(good), "run_id": "other"})) is None
+    finally:
+        pf.close()
+    assert not (keys / ".v99.prefetch").exists()
+
+
 def test_swap_writes_any_key_after_any_other_in_place(world):
     """Key positions change between versions: the base comes back where the old key was."""
     from adaloc.artifact import decode_base
