@@ -196,6 +196,19 @@ def _full_download(name: str, full_name: str, tracking_uri: str) -> tuple[float,
         return seconds, os.path.getsize(path), state_sha256(model)
 
 
+def _server_rtt(tracking_uri: str, n: int = 7) -> float:
+    """Median seconds of one small REST call (experiment by name): the machine's and the
+    server's own latency, which bounds an update that needs a few of them in a row."""
+    from mlflow import MlflowClient
+
+    client, out = MlflowClient(tracking_uri), []
+    for _ in range(n):
+        t = time.perf_counter()
+        client.get_experiment_by_name("Default")
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
 def _ready_sha(served) -> str:
     """sha256 of the state a served module answers with (checked untimed)."""
     return state_sha256(served.model.state_dict())
@@ -234,6 +247,7 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
     info = _owner_side(name, reg, owner, work, args.budget, versions)
     reg.promote(1, owner=owner)
     first = site.pull("production")  # downloads and caches the base: once per site
+    info["server_rtt_s"] = _server_rtt(server_uri)
     served = load_model(site, device="cpu")
     rows, version = [], 2
     for link in links:
@@ -302,6 +316,7 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
                 "speedup_cold": full_s / cold_s,
                 "speedup_warm": full_s / warm_s,
                 "pull_phases_s": phases,
+                "server_rest_call_s": info["server_rtt_s"],
                 "requests_per_update": {"cold": max(calls["cold"]), "warm": max(calls["warm"])},
                 "requests_per_full_download": max(full_calls),
                 "runs": {"cold": cold, "warm": warm, "full": [s for s, _, _ in full]},

@@ -32,6 +32,9 @@ def write_markdown(result: dict, path: Path) -> None:
             f"{req.get('warm', '-')}, {req.get('cold', '-')} | "
             f"{r.get('requests_per_full_download', '-')} |"
         )
+    rtt = [r["server_rest_call_s"] for r in result["rows"] if "server_rest_call_s" in r]
+    if rtt:
+        lines += ["", f"One small REST call to the server (median): {rtt[0] * 1e3:.0f} ms."]
     for r in result["rows"]:
         sw = r.get("server_swap")
         if not sw:

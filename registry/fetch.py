@@ -3,7 +3,8 @@
 MLflow's ``download_artifacts`` reads a file to its end, whatever its size, so a bucket
 writer could feed a site endless data. Here each file is streamed through the same
 artifact repository MLflow would use, and the stream is cut one byte after ``max_bytes``:
-  - ``mlflow-artifacts:`` / http(s) (proxied by ``mlflow server``): a streamed GET
+  - ``mlflow-artifacts:`` / http(s) (proxied by ``mlflow server``): a streamed GET, or for
+    files >= 1 MiB a ranged GET of a presigned URL when the server offers them
   - ``s3://``: a ranged GetObject (the endpoint never sends more than the range)
   - local paths / ``file://``: a bounded read
 Other schemes fall back to MLflow's download plus a size check afterwards.
@@ -25,6 +26,8 @@ CHUNK = 1 << 20
 # Bounded retries for transient transport errors (no retry library is in the dependency
 # set; three attempts with a short backoff are all a pull should spend on a flaky link).
 ATTEMPTS, BACKOFF_S = 3, (0.5, 2.0)
+DIRECT_MIN_BYTES = 1 << 20  # smaller files come through the server's proxy (one request)
+_DIRECT_OK: dict[str, bool] = {}  # server host -> offers presigned downloads
 
 
 def _repo(artifact_dir: str, tracking_uri: str | None, registry_uri: str | None):
@@ -35,8 +38,47 @@ def _repo(artifact_dir: str, tracking_uri: str | None, registry_uri: str | None)
     )
 
 
+def _direct(repo, name: str, max_bytes: int):
+    """A presigned GET straight from the bucket (capped by a Range header), or None when the
+    server offers none. Large files only: through the proxy they cross the network twice
+    (bucket -> server, whole, then server -> client); MLflow's own download of large files
+    takes this route too (``MlflowArtifactsRepository._download_file``), whose private
+    helpers are reused because MLflow has no public streamed variant."""
+    import requests
+    from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+
+    if max_bytes < DIRECT_MIN_BYTES or not isinstance(repo, MlflowArtifactsRepository):
+        return None
+    host = repo._host_creds.host
+    if host not in _DIRECT_OK:  # one /server-info request per server and process
+        try:
+            _DIRECT_OK[host] = bool(repo._is_multipart_download_enabled())
+        except Exception:  # noqa: BLE001 - an older or odd server: the proxy serves it
+            _DIRECT_OK[host] = False
+    if not _DIRECT_OK[host]:
+        return None
+    try:
+        signed = repo._get_presigned_download_url(name)
+        resp = requests.get(
+            signed.url, headers={**(signed.headers or {}), "Range": f"bytes=0-{max_bytes}"},
+            stream=True, timeout=60,
+        )  # fmt: skip
+        resp.raise_for_status()
+    except Exception:  # noqa: BLE001 - no presigned URL for this file: the proxy serves it
+        return None
+    return resp
+
+
 def _http_chunks(repo, name: str, max_bytes: int, probe: bool = False):
     from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
+
+    direct = _direct(repo, name, max_bytes)
+    if direct is not None:
+        try:
+            yield from direct.iter_content(chunk_size=CHUNK)
+        finally:
+            direct.close()
+        return
 
     # The proxied download endpoint is what HttpArtifactRepository._download_file calls; the
     # repository exposes no streamed reader, so its host credentials are reused here. A probe
