@@ -8,6 +8,8 @@ Layout::
     trust/root.json           newest root record this site accepted
     cache/bases/<sha256>/     base.safetensors, model.json, verified.json (checked once)
     cache/keys/v<N>.sealed    sealed key versions as downloaded (signed sha256)
+    cache/records/<sha256>    verified targets records by signed sha256 (registry.record_cache)
+    cache/registry.json       lookup hints for the next pull (experiment, trust run)
     cache/quarantine/         cache entries that failed a check (kept for inspection)
     cache/available.json      last signed version list (for `status --offline`)
     installs/v<N>-<id>/       key.safetensors (0600), model.json, token.json (0600), state.json
