@@ -158,6 +158,26 @@ def _through(link: dict, servers: Servers):
             s.shape(None, 0.0)  # the owner publishes at full speed (untimed)
 
 
+class RequestCount:
+    """HTTP requests this process sends (every MLflow REST call and artifact download goes
+    through ``requests``), counted by wrapping its adapter: a measurement, not a change."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import requests.adapters
+
+        self.n, self._lock = 0, threading.Lock()
+        adapter, original = requests.adapters.HTTPAdapter, requests.adapters.HTTPAdapter.send
+
+        def send(inner, request, **kw):
+            with self._lock:
+                self.n += 1
+            return original(inner, request, **kw)
+
+        adapter.send = send
+
+
 def _full_download(name: str, full_name: str, tracking_uri: str) -> tuple[float, int, str]:
     """Resolve the full model's alias, download it from the server, load it into a network."""
     import mlflow.artifacts
@@ -174,6 +194,19 @@ def _full_download(name: str, full_name: str, tracking_uri: str) -> tuple[float,
         model.load_state_dict(load_file(path))
         seconds = time.perf_counter() - t
         return seconds, os.path.getsize(path), state_sha256(model)
+
+
+def _server_rtt(tracking_uri: str, n: int = 7) -> float:
+    """Median seconds of one small REST call (experiment by name): the machine's and the
+    server's own latency, which bounds an update that needs a few of them in a row."""
+    from mlflow import MlflowClient
+
+    client, out = MlflowClient(tracking_uri), []
+    for _ in range(n):
+        t = time.perf_counter()
+        client.get_experiment_by_name("Default")
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
 
 
 def _ready_sha(served) -> str:
@@ -209,10 +242,12 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
     )
     owner.add_site("bench", site.public_key_pem)
     n, links = args.repeats, parse_links(args.links)
+    requests_made = RequestCount()
     versions = 1 + (2 * n + 1) * len(links) + args.serve_swaps
     info = _owner_side(name, reg, owner, work, args.budget, versions)
     reg.promote(1, owner=owner)
     first = site.pull("production")  # downloads and caches the base: once per site
+    info["server_rtt_s"] = _server_rtt(server_uri)
     served = load_model(site, device="cpu")
     rows, version = [], 2
     for link in links:
@@ -224,10 +259,12 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
             served = swap_key(served, site)
             version += 1
             cold, warm, wire_key, phases, apply_s = [], [], [], {}, {"cold": [], "warm": []}
+            calls = {"cold": [], "warm": []}
             for mode in ("cold", "warm"):
                 for _ in range(n):
                     reg.promote(version, owner=owner)  # owner action, untimed
                     before = received() if received else 0
+                    calls0 = requests_made.n
                     t = time.perf_counter()
                     if mode == "cold":  # like a CLI pull, then a process that loads it
                         r = Site(site_dir).pull("production")
@@ -238,6 +275,7 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
                         t_apply = time.perf_counter()
                         ready = served = swap_key(served, site)
                     done = time.perf_counter()
+                    calls[mode].append(requests_made.n - calls0)
                     (cold if mode == "cold" else warm).append(done - t)
                     apply_s[mode].append(done - t_apply)
                     wire_key.append(received() - before if received else None)
@@ -247,10 +285,11 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
                         phases = r.seconds
                     key_bytes = r.bytes_key + r.bytes_base
                     version += 1
-            full, wire_full = [], []
+            full, wire_full, full_calls = [], [], []
             for _ in range(n):
-                before = received() if received else 0
+                before, calls0 = (received() if received else 0), requests_made.n
                 full.append(_full_download(name, info["full_name"], url))
+                full_calls.append(requests_made.n - calls0)
                 wire_full.append(received() - before if received else None)
         assert all(sha == info["full_sha"] for _, _, sha in full)
         full_s, full_bytes = statistics.median(s for s, _, _ in full), full[0][1]
@@ -277,6 +316,9 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
                 "speedup_cold": full_s / cold_s,
                 "speedup_warm": full_s / warm_s,
                 "pull_phases_s": phases,
+                "server_rest_call_s": info["server_rtt_s"],
+                "requests_per_update": {"cold": max(calls["cold"]), "warm": max(calls["warm"])},
+                "requests_per_full_download": max(full_calls),
                 "runs": {"cold": cold, "warm": warm, "full": [s for s, _, _ in full]},
             }
         )
@@ -394,7 +436,11 @@ def main(args) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     _print_table(rows)
-    print(f"wrote {out}")
+    from pull_vs_full_report import plot, write_markdown
+
+    write_markdown(result, out.with_suffix(".md"))
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
     return result
 
 

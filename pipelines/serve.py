@@ -6,11 +6,11 @@ in the body), ``GET /version``, ``POST /predict`` (``{"inputs": N x C x H x W fl
 ``GET /metrics`` (Prometheus), ``POST /admin/pull`` (from 127.0.0.1 / ::1 only).
 
 Hot swap: the site pulls the new key version (verified by ``registry.site``), then
-:func:`registry.loader.swap_key` builds the new version's module around the base tensors
-already in memory (only the keyed tensors are new), and one reference assignment under a
-lock makes it current. A request reads the reference once, so it runs wholly on the old or
-wholly on the new version, and the old one is freed when its last request finishes. A
-refused pull leaves the served version as it was.
+:func:`registry.loader.swap_key` writes only its key positions into the module in memory,
+under the write side of the model's read-write lock. Each request holds the read side for
+its whole forward pass and reads the version under it, so the swap waits for in-flight
+requests to finish on the old values, and no request runs on a mix or is tagged with the
+wrong version. A refused pull leaves the served version as it was.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class ModelServer:
 
         self.site = Site(Path(site_dir))
         self.ref, self.device = ref, device
-        self.current = None  # registry.loader.LoadedModel; replaced, never mutated
+        self.current = None  # registry.loader.LoadedModel; swapped in place under its lock
         self.swap_lock = threading.Lock()  # one pull + swap at a time
         self.last_refusal: dict | None = None
         self.last_swap: dict | None = None
@@ -109,7 +109,7 @@ class ModelServer:
 
                     new = load_model(self.site, device=self.device)
                 elif result.version != self.current.version:
-                    new = swap_key(self.current, self.site)
+                    new = swap_key(self.current, self.site)  # in place, under its lock
                 else:
                     new = self.current
             except AdalocError as err:
@@ -118,8 +118,8 @@ class ModelServer:
                 self.metrics.refused.inc()
                 log.warning("pull refused, still serving key version %s: %s", before, reason)
                 return {"changed": False, "key_version": before, "refused": reason}
-            changed = new is not self.current
-            self.current = new  # the swap: one reference assignment
+            changed = new is not self.current or new.version != before
+            self.current = new
             seconds = time.perf_counter() - t0
             if changed:
                 self.last_refusal = None
@@ -191,14 +191,14 @@ def create_app(server: ModelServer, *, poll_s: float = 0.0) -> FastAPI:
     def predict(req: PredictRequest):
         from registry.loader import InputError
 
-        cur = _loaded(server)  # read once: this request runs wholly on this version
+        cur = _loaded(server)
         t0 = time.perf_counter()
-        try:
-            out = cur.logits(_tensor(req.inputs))
+        try:  # under the model's read lock: one version computes and is named
+            out, key_version = cur.answer(_tensor(req.inputs))
         except InputError as err:
             server.metrics.requests.labels("bad_input").inc()
             raise HTTPException(422, str(err)) from None
-        body = {"predictions": out.argmax(1).tolist(), "key_version": cur.version}
+        body = {"predictions": out.argmax(1).tolist(), "key_version": key_version}
         if req.return_logits:
             body["logits"] = out.tolist()
         server.metrics.latency.observe(time.perf_counter() - t0)

@@ -89,9 +89,10 @@ Loader (``registry.loader``)::
     load_model(site_dir | Site, *, device=None, verify=True) -> LoadedModel   # also Site.load_model
     LoadedModel: model (nn.Module, eval, on device), version, base_sha256, model_sha256, card,
                  token, device; preprocess(x) (checks [N,C,H,W] in [0,1], stamps the token),
-                 logits(x), predict(x) -> list[int], keyed_bytes
-    swap_key(current, site_dir) -> LoadedModel   # next installed version around the same base
-                                                  # tensors (adaloc serve's hot swap)
+                 answer(x) -> (logits, version), logits(x), predict(x) -> list[int],
+                 keyed_bytes, lock (read side: a request; write side: a swap)
+    swap_key(current, site_dir) -> LoadedModel   # writes the next installed version's key
+                                                  # positions in place (adaloc serve's swap)
 
 Loopback servers (``registry.local_servers``; tests, bench, demos)::
 

@@ -3,7 +3,8 @@
 MLflow's ``download_artifacts`` reads a file to its end, whatever its size, so a bucket
 writer could feed a site endless data. Here each file is streamed through the same
 artifact repository MLflow would use, and the stream is cut one byte after ``max_bytes``:
-  - ``mlflow-artifacts:`` / http(s) (proxied by ``mlflow server``): a streamed GET
+  - ``mlflow-artifacts:`` / http(s) (proxied by ``mlflow server``): a streamed GET, or for
+    files >= 1 MiB a ranged GET of a presigned URL when the server offers them
   - ``s3://``: a ranged GetObject (the endpoint never sends more than the range)
   - local paths / ``file://``: a bounded read
 Other schemes fall back to MLflow's download plus a size check afterwards.
@@ -25,6 +26,8 @@ CHUNK = 1 << 20
 # Bounded retries for transient transport errors (no retry library is in the dependency
 # set; three attempts with a short backoff are all a pull should spend on a flaky link).
 ATTEMPTS, BACKOFF_S = 3, (0.5, 2.0)
+DIRECT_MIN_BYTES = 1 << 20  # smaller files come through the server's proxy (one request)
+_DIRECT_OK: dict[str, bool] = {}  # server host -> offers presigned downloads
 
 
 def _repo(artifact_dir: str, tracking_uri: str | None, registry_uri: str | None):
@@ -35,12 +38,54 @@ def _repo(artifact_dir: str, tracking_uri: str | None, registry_uri: str | None)
     )
 
 
-def _http_chunks(repo, name: str, max_bytes: int):
+def _direct(repo, name: str, max_bytes: int):
+    """A presigned GET straight from the bucket (capped by a Range header), or None when the
+    server offers none. Large files only: through the proxy they cross the network twice
+    (bucket -> server, whole, then server -> client); MLflow's own download of large files
+    takes this route too (``MlflowArtifactsRepository._download_file``), whose private
+    helpers are reused because MLflow has no public streamed variant."""
+    import requests
+    from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+
+    if max_bytes < DIRECT_MIN_BYTES or not isinstance(repo, MlflowArtifactsRepository):
+        return None
+    host = repo._host_creds.host
+    if host not in _DIRECT_OK:  # one /server-info request per server and process
+        try:
+            _DIRECT_OK[host] = bool(repo._is_multipart_download_enabled())
+        except Exception:  # noqa: BLE001 - an older or odd server: the proxy serves it
+            _DIRECT_OK[host] = False
+    if not _DIRECT_OK[host]:
+        return None
+    try:
+        signed = repo._get_presigned_download_url(name)
+        resp = requests.get(
+            signed.url, headers={**(signed.headers or {}), "Range": f"bytes=0-{max_bytes}"},
+            stream=True, timeout=60,
+        )  # fmt: skip
+        resp.raise_for_status()
+    except Exception:  # noqa: BLE001 - no presigned URL for this file: the proxy serves it
+        return None
+    return resp
+
+
+def _http_chunks(repo, name: str, max_bytes: int, probe: bool = False):
     from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
 
+    direct = _direct(repo, name, max_bytes)
+    if direct is not None:
+        try:
+            yield from direct.iter_content(chunk_size=CHUNK)
+        finally:
+            direct.close()
+        return
+
     # The proxied download endpoint is what HttpArtifactRepository._download_file calls; the
-    # repository exposes no streamed reader, so its host credentials are reused here.
-    resp = http_request(repo._host_creds, posixpath.join("/", name), "GET", stream=True)
+    # repository exposes no streamed reader, so its host credentials are reused here. A probe
+    # turns off MLflow's own retries: the server answers 500 for a missing file, which it
+    # would retry with exponential backoff for minutes.
+    retries = {"max_retries": 0} if probe else {}
+    resp = http_request(repo._host_creds, posixpath.join("/", name), "GET", stream=True, **retries)
     try:
         augmented_raise_for_status(resp)
         yield from resp.iter_content(chunk_size=CHUNK)
@@ -48,7 +93,7 @@ def _http_chunks(repo, name: str, max_bytes: int):
         resp.close()
 
 
-def _s3_chunks(repo, name: str, max_bytes: int):
+def _s3_chunks(repo, name: str, max_bytes: int, probe: bool = False):
     bucket, prefix = repo.parse_s3_compliant_uri(repo.artifact_uri)
     body = repo._get_s3_client().get_object(
         Bucket=bucket, Key=posixpath.join(prefix, name), Range=f"bytes=0-{max_bytes}"
@@ -60,13 +105,13 @@ def _s3_chunks(repo, name: str, max_bytes: int):
         body.close()
 
 
-def _local_chunks(repo, name: str, max_bytes: int):
+def _local_chunks(repo, name: str, max_bytes: int, probe: bool = False):
     with open(Path(repo.artifact_dir) / name, "rb") as f:
         while chunk := f.read(min(CHUNK, max_bytes + 1)):
             yield chunk
 
 
-def _fallback_chunks(repo, name: str, max_bytes: int):
+def _fallback_chunks(repo, name: str, max_bytes: int, probe: bool = False):
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,15 +150,16 @@ def fetch(
     registry_uri: str | None = None,
     label: str = "",
     progress: Progress | None = None,
+    attempts: int = ATTEMPTS,
 ) -> Path:
     """Stream ``artifact_uri`` to ``dst`` (0600), at most ``max_bytes``; check length/sha256.
 
     LimitError past the cap, IntegrityError on a wrong length or hash (``dst`` removed),
-    UnavailableError after bounded retries on transport errors.
+    UnavailableError after ``attempts`` tries on transport errors (1: a probe that may miss).
     """
     directory, name = artifact_uri.rstrip("/").rsplit("/", 1)
     what = label or name
-    for attempt in range(ATTEMPTS):
+    for attempt in range(attempts):
         try:
             return _fetch_once(
                 _repo(directory, tracking_uri, registry_uri),
@@ -124,29 +170,30 @@ def fetch(
                 expect_length,
                 what,
                 progress,
+                attempts == 1,
             )
         except RegistryError:
             raise
         except Exception as err:  # noqa: BLE001 - requests/boto/mlflow raise many types
             Path(dst).unlink(missing_ok=True)
-            if attempt + 1 == ATTEMPTS:
+            if attempt + 1 >= attempts:
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
                 raise UnavailableError(
-                    f"download of {what} failed after {ATTEMPTS} attempts ({first}); "
+                    f"download of {what} failed after {attempts} attempt(s) ({first}); "
                     "the installed version is unchanged, try again later"
                 ) from err
             time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
     raise AssertionError("unreachable")
 
 
-def _fetch_once(repo, name, dst, max_bytes, expect_sha256, expect_length, what, progress):
+def _fetch_once(repo, name, dst, max_bytes, expect_sha256, expect_length, what, progress, probe):
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     digest, done = hashlib.sha256(), 0
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in _chunks_for(repo)(repo, name, max_bytes):
+            for chunk in _chunks_for(repo)(repo, name, max_bytes, probe):
                 done += len(chunk)
                 if done > max_bytes:
                     raise LimitError(

@@ -6,16 +6,18 @@
     served = load_model("/srv/site")              # eval mode, on the best device
     predictions = served.predict(images)          # images: float32 [N, C, H, W] in [0, 1]
 
-:func:`load_model` rebuilds the network from the model card, writes the key into the cached
-base (only the keyed tensors are new; the rest are the base's own tensors) and checks the
-result against the owner-signed sha256. :meth:`LoadedModel.preprocess` is what a caller
-feeds it through: input checks, the device, and the M-LOCK token stamp when one is
-installed. :func:`swap_key` builds the next version's module around the same base tensors,
-which is how ``adaloc serve`` hot-swaps a key without a second copy of the base.
+:func:`load_model` rebuilds the network from the model card around the cached base's
+tensors, writes the key's values at its positions (in place: no second copy of anything but
+the key) and checks the result against the owner-signed sha256. :meth:`LoadedModel.preprocess`
+is what a caller feeds it through: input checks, the device, and the M-LOCK token stamp when
+one is installed. :func:`swap_key` writes the next version's key positions in place under a
+lock, which is how ``adaloc serve`` hot-swaps a key.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,9 +44,57 @@ class InstalledFiles:
     model_sha256: str
 
 
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer holds back new readers (no starvation).
+
+    The standard library has none, and a swap needs no more than this.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = self._waiting = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self):
+        """Held by each request for its whole forward pass (not re-entrant)."""
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        """Held by a swap: waits for in-flight requests, then excludes all of them."""
+        with self._cond:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
 @dataclass
 class LoadedModel:
-    """An installed key version, ready to answer: the module and how to feed it."""
+    """An installed key version, ready to answer: the module and how to feed it.
+
+    A swap (:func:`swap_key`) rewrites only the key positions of the module's own tensors,
+    under ``lock``'s write side; requests run under its read side, so each one runs wholly
+    on one version and reads ``version`` consistently (:meth:`answer`).
+    """
 
     model: nn.Module
     version: int
@@ -53,14 +103,19 @@ class LoadedModel:
     card: object  # adaloc.artifact.ModelCard
     token: object | None  # adaloc.token.Token, stamped on every input when present
     device: torch.device
-    base_state: dict = field(repr=False)  # the base's tensors, shared with every version
-    keyed: tuple[str, ...] = ()  # names of the tensors this version holds its own copy of
+    key: object = field(repr=False)  # adaloc.lock.Key written into ``model`` now
+    base_rows: dict = field(repr=False)  # the base's values at ``key``'s positions
+    lock: ReadWriteLock = field(default_factory=ReadWriteLock, repr=False)
+
+    @property
+    def keyed(self) -> tuple[str, ...]:
+        """Names of the tensors that hold key positions."""
+        return tuple(self.key.mask.indices)
 
     @property
     def keyed_bytes(self) -> int:
-        """Bytes held by this version alone (its keyed tensors): the extra memory of a swap."""
-        state = self.model.state_dict()
-        return sum(state[n].numel() * state[n].element_size() for n in self.keyed)
+        """Bytes a swap writes (the key's values): the extra memory of a swap, about."""
+        return sum(v.numel() * v.element_size() for v in self.key.values.values())
 
     def preprocess(self, images) -> torch.Tensor:
         """Check ``images`` (float32 ``[N, C, H, W]`` in [0, 1], as the dataset tensors are),
@@ -83,9 +138,14 @@ class LoadedModel:
         return x
 
     @torch.inference_mode()
+    def answer(self, images) -> tuple[torch.Tensor, int]:
+        """(raw outputs ``[N, K]`` on the CPU, the key version that computed them)."""
+        with self.lock.read():
+            return self.model(self.preprocess(images)).float().cpu(), self.version
+
     def logits(self, images) -> torch.Tensor:
         """Raw outputs ``[N, K]`` (on the CPU) for ``images`` (see :meth:`preprocess`)."""
-        return self.model(self.preprocess(images)).float().cpu()
+        return self.answer(images)[0]
 
     def predict(self, images) -> list[int]:
         """Class index per image (argmax of the logits)."""
@@ -126,9 +186,8 @@ def _module(card, state: dict, device: torch.device) -> nn.Module:
     return model.to(device).eval()
 
 
-def _with_key(files: InstalledFiles, base_state: dict, *, check: bool) -> tuple[dict, tuple]:
+def _decode_key(files: InstalledFiles):
     from adaloc.artifact import decode_key
-    from adaloc.lock import apply_key, state_sha256
 
     key = decode_key(files.key)
     if key.version != files.version or key.base_sha256 != files.base_sha256:
@@ -136,13 +195,53 @@ def _with_key(files: InstalledFiles, base_state: dict, *, check: bool) -> tuple[
             f"installed key says version {key.version} / base {key.base_sha256[:12]}, the "
             f"installed set says {files.version} / {files.base_sha256[:12]}; pull again"
         )
-    state = apply_key(base_state, key, check_base=False)
-    if check and files.model_sha256 and state_sha256(state) != files.model_sha256:
+    return key
+
+
+def _rows(state: dict, name: str, granularity: str) -> torch.Tensor:
+    from adaloc.keys import rows_view
+
+    t = state[name]
+    rows = rows_view(t, granularity)
+    if rows.data_ptr() != t.data_ptr() or not t.is_contiguous():
+        raise IntegrityError(f"tensor {name} cannot be written in place")  # never for our nets
+    return rows
+
+
+@torch.no_grad()
+def _write_key(state: dict, key, old=None, base_rows: dict | None = None) -> dict:
+    """Write ``key``'s values into ``state``'s own tensors (in place); return the base's
+    values at its positions. ``old`` (the key written now) and its ``base_rows`` put the base
+    back first where the positions differ, so any key can follow any other."""
+    from adaloc.lock import _check_fits
+
+    g = key.mask.granularity
+    _check_fits(state, key.mask, key.values)  # before any write
+    rows_out = dict(base_rows or {})
+    if old is not None:
+        for name, idx in old.mask.indices.items():
+            new_idx = key.mask.indices.get(name)
+            if new_idx is None or g != old.mask.granularity or not torch.equal(idx, new_idx):
+                _rows(state, name, old.mask.granularity)[idx.to(state[name].device)] = rows_out.pop(
+                    name
+                )
+    for name, idx in key.mask.indices.items():
+        rows = _rows(state, name, g)
+        idx = idx.to(rows.device)
+        if name not in rows_out:
+            rows_out[name] = rows[idx].clone()
+        rows[idx] = key.values[name].to(device=rows.device, dtype=rows.dtype)
+    return rows_out
+
+
+def _check(state: dict, files: InstalledFiles) -> None:
+    from adaloc.lock import state_sha256
+
+    if files.model_sha256 and state_sha256(state) != files.model_sha256:
         raise IntegrityError(
             f"base + key v{files.version} differs from the owner-signed model sha256 "
             f"{files.model_sha256[:12]}; pull again"
         )
-    return state, tuple(key.mask.indices)
 
 
 def load_model(site_dir, *, device: str | None = None, verify: bool = True) -> LoadedModel:
@@ -162,19 +261,24 @@ def load_model(site_dir, *, device: str | None = None, verify: bool = True) -> L
         token = Token.from_bytes(files.token) if files.token else None
     except (KeyFormatError, OSError, ValueError) as err:
         raise IntegrityError(f"installed key version {files.version} is unusable: {err}") from err
-    base_state = {k: v.to(dev) for k, v in base_state.items()}
-    state, keyed = _with_key(files, base_state, check=verify)
+    key = _decode_key(files)
+    model = _module(card, {k: v.to(dev) for k, v in base_state.items()}, dev)
+    state = model.state_dict()  # the module's own tensors (views): written in place
+    base_rows = _write_key(state, key)
+    if verify:
+        _check(state, files)
     return LoadedModel(
-        _module(card, state, dev), files.version, files.base_sha256, files.model_sha256,
-        card, token, dev, base_state, keyed,
+        model, files.version, files.base_sha256, files.model_sha256, card, token, dev,
+        key, base_rows,
     )  # fmt: skip
 
 
 def swap_key(current: LoadedModel, site_dir, *, verify: bool = False) -> LoadedModel:
-    """The site's newly installed key version around ``current``'s base tensors: only the
-    keyed tensors are new; ``current`` itself is left untouched (in-flight calls finish on
-    it). ``verify`` re-hashes the whole model against the signed sha256 (off by default:
-    the installed key was checked against its signed sha256 when it was pulled)."""
+    """Write the site's newly installed key version into ``current`` in place: only the key
+    positions change, under ``current.lock``'s write side (in-flight requests finish on the
+    old values first; none runs on a mix). Returns ``current``. ``verify`` re-hashes the whole
+    model against the signed sha256 (off by default: the installed key was checked against
+    its signed sha256 when it was pulled) and puts the old key back when it differs."""
     from adaloc.artifact import ModelCard
     from adaloc.token import Token
 
@@ -185,9 +289,18 @@ def swap_key(current: LoadedModel, site_dir, *, verify: bool = False) -> LoadedM
             f"server holds base {current.base_sha256[:12]}: restart it to change base"
         )
     card = ModelCard.from_json(files.card.decode())
-    state, keyed = _with_key(files, current.base_state, check=verify)
+    key = _decode_key(files)  # everything that can fail before the lock is done first
     token = Token.from_bytes(files.token) if files.token else None
-    return LoadedModel(
-        _module(card, state, current.device), files.version, files.base_sha256,
-        files.model_sha256, card, token, current.device, current.base_state, keyed,
-    )  # fmt: skip
+    with current.lock.write():
+        state = current.model.state_dict()
+        old, old_rows = current.key, current.base_rows
+        rows = _write_key(state, key, old, old_rows)
+        if verify:
+            try:
+                _check(state, files)
+            except IntegrityError:
+                _write_key(state, old, key, rows)
+                raise
+        current.key, current.base_rows, current.card, current.token = key, rows, card, token
+        current.version, current.model_sha256 = files.version, files.model_sha256
+    return current

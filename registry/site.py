@@ -11,6 +11,7 @@ is written only by :meth:`Site.export`. Layout: see ``registry.site_files``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -26,6 +27,8 @@ from adaloc.formats import (
     TOKEN_FILE,
     sha256_bytes,
 )
+from registry import record_cache as RC
+from registry import run_io
 from registry import site_files as F
 from registry import trust as T
 from registry import trust_io as IO
@@ -40,8 +43,8 @@ from registry.errors import (
     TrustError,
     UnavailableError,
 )
-from registry.fetch import fetch
 from registry.fsutil import atomic_write_bytes, atomic_write_json
+from registry.prefetch import KeyPrefetch
 from registry.progress import Progress
 from registry.records import PullResult
 from registry.sealing import (
@@ -70,6 +73,7 @@ class Site(SiteInstalled):
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self._registry = None
+        self._hint: tuple[str, ...] = ()  # trust runs the last pull found (record_cache)
 
     # -- init ------------------------------------------------------------------------------
 
@@ -129,7 +133,6 @@ class Site(SiteInstalled):
         """The site's X25519 public key, to hand to the owner (`adaloc keys site-add`)."""
         return (self.directory / SITE_PUBLIC_FILE).read_bytes()
 
-    @property
     def set_tracking_uri(self, tracking_uri: str, registry_uri: str | None = None) -> None:
         """Point the site at another address of its registry (moved, proxy, mirror).
 
@@ -154,7 +157,25 @@ class Site(SiteInstalled):
             self._registry = KeyRegistry(
                 uri, cfg["model_name"], registry_uri=cfg.get("registry_uri")
             )
+            hints = RC.load_hints(self.directory, uri, cfg["model_name"])
+            self._hint = RC.seed(self._registry, hints)
         return self._registry
+
+    def _newest_timestamp(self, trusted: T.RootSigned):
+        """IO.newest_timestamp, started from the last pull's hints; stale hints (a failure
+        while using them) are dropped and the lookup done again without them."""
+        reg = self.registry()
+        try:
+            got = IO.newest_timestamp(reg, trusted, hint=self._hint)
+        except Exception:
+            if not self._hint:
+                raise
+            (self.directory / RC.HINTS_FILE).unlink(missing_ok=True)
+            self._registry = None
+            reg = self.registry()
+            got = IO.newest_timestamp(reg, trusted)
+        RC.save_hints(self.directory, reg, got[3])
+        return got
 
     def _online(self, what: str, call: Callable):
         try:
@@ -194,8 +215,9 @@ class Site(SiteInstalled):
         trusted = self._trusted_root()  # local files first: a bad one fails before any I/O
         reg = self.registry()
         env, ts, root, run_id = self._online(
-            "read signed records", lambda: IO.newest_timestamp(reg, trusted)
+            "read signed records", lambda: self._newest_timestamp(trusted)
         )
+        reg = self.registry()  # (re-made when stale hints were dropped)
         IO.check_fresh(ts)
         seen = F.read_model(
             self.directory / F.SEEN_FILE, F.Seen, "rollback guard", missing=F.Seen(counter=0)
@@ -259,7 +281,25 @@ class Site(SiteInstalled):
         ts, root = self._signed_state(allow_rollback)
         reg = self.registry()
         version = IO.resolve_ref(ts, root, ref)
-        tg = self._online("read targets", lambda: IO.read_targets(reg, ts, root, version))
+        entry = ts.versions.get(str(version))
+        prefetch = entry and KeyPrefetch.start(
+            reg, self.directory / "cache" / "keys", version, entry.run_id, self.installed()
+        )
+        try:
+            return self._pull_version(ref, allow_rollback, progress, ts, root, version,
+                                      seconds, t0, prefetch)  # fmt: skip
+        finally:
+            if prefetch:
+                prefetch.close()
+
+    def _pull_version(
+        self, ref, allow_rollback, progress, ts, root, version, seconds, t0, prefetch
+    ) -> PullResult:
+        reg = self.registry()
+        records = RC.RecordCache(self.directory / RC.RECORDS_DIR)
+        tg = self._online(
+            "read targets", lambda: IO.read_targets(reg, ts, root, version, cache=records)
+        )
         if str(ref).strip() == "production":
             promo = IO.production(ts, root)
             if not tg.gate.passed and not promo.gate_override:
@@ -300,23 +340,20 @@ class Site(SiteInstalled):
         t = time.perf_counter()
         k = tg.files["key.sealed"]
         keys_dir = self.directory / "cache" / "keys"
-        part = keys_dir / f".v{version}.sealed.download"
-        self._online(
-            "download key",
-            lambda: fetch(
-                self._uri(reg, k),
-                part,
-                max_bytes=k.length,
-                expect_sha256=k.sha256,
-                expect_length=k.length,
-                tracking_uri=reg.tracking_uri,
-                registry_uri=reg.registry_uri,
-                label=f"key v{version}",
-                progress=progress,
-            ),
-        )
-        blob = part.read_bytes()
-        os.replace(part, keys_dir / f"v{version}.sealed")
+        blob = RC.RecordCache(keys_dir).get_file(f"v{version}.sealed", k.sha256, k.length)
+        if blob is None and prefetch and (blob := prefetch.take(k)) is not None:
+            atomic_write_bytes(keys_dir / f"v{version}.sealed", blob)  # checked: signed sha256
+        if blob is None:  # not cached (or damaged there): download, capped and hash-checked
+            part = keys_dir / f".v{version}.sealed.download"
+            self._online(
+                "download key",
+                lambda: run_io.fetch_file(
+                    reg, k.run_id, k.path, part, max_bytes=k.length, expect_sha256=k.sha256,
+                    expect_length=k.length, label=f"key v{version}", progress=progress,
+                ),
+            )  # fmt: skip
+            blob = part.read_bytes()
+            os.replace(part, keys_dir / f"v{version}.sealed")
         seconds["download_key"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -344,11 +381,13 @@ class Site(SiteInstalled):
             "previous": previous,
         }
         staging = F.new_set_dir(self.directory, version)
-        atomic_write_bytes(staging / KEY_FILE, parts["key"], mode=0o600)
-        atomic_write_bytes(staging / MODEL_CARD_FILE, (base_dir / MODEL_CARD_FILE).read_bytes())
+        F.write_set_file(staging, KEY_FILE, parts["key"])
+        F.write_set_file(staging, MODEL_CARD_FILE, (base_dir / MODEL_CARD_FILE).read_bytes())
         if "token" in parts:
-            atomic_write_bytes(staging / TOKEN_FILE, parts["token"], mode=0o600)
-        atomic_write_json(staging / F.STATE_FILE, new_state)
+            F.write_set_file(staging, TOKEN_FILE, parts["token"])
+        F.write_set_file(
+            staging, F.STATE_FILE, (json.dumps(new_state, indent=2, sort_keys=True) + "\n").encode()
+        )
         F.switch_current(self.directory, staging)
         seconds["install"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0
@@ -362,11 +401,6 @@ class Site(SiteInstalled):
             bytes_base,
             len(blob),
             seconds,
-        )
-
-    def _uri(self, reg, entry: T.FileEntry) -> str:
-        return (
-            f"{self._online('find run', lambda: IO.artifact_uri(reg, entry.run_id))}/{entry.path}"
         )
 
     def _open(self, blob: bytes, tg: T.TargetsSigned, root: T.RootSigned) -> dict[str, bytes]:
@@ -435,18 +469,12 @@ class Site(SiteInstalled):
         for name, e in ((MODEL_CARD_FILE, c), (BASE_FILE, b)):
             self._online(
                 f"download {name}",
-                lambda e=e, name=name: fetch(
-                    self._uri(reg, e),
-                    staging / name,
-                    max_bytes=e.length,
-                    expect_sha256=e.sha256,
-                    expect_length=e.length,
-                    tracking_uri=reg.tracking_uri,
-                    registry_uri=reg.registry_uri,
-                    label="base" if name == BASE_FILE else name,
-                    progress=progress,
+                lambda e=e, name=name: run_io.fetch_file(
+                    reg, e.run_id, e.path, staging / name, max_bytes=e.length,
+                    expect_sha256=e.sha256, expect_length=e.length,
+                    label="base" if name == BASE_FILE else name, progress=progress,
                 ),
-            )
+            )  # fmt: skip
         atomic_write_json(
             staging / "verified.json",
             {"base": b.sha256, "card": c.sha256, "base_sha256": tg.base_sha256},

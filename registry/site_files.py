@@ -8,6 +8,8 @@ Layout::
     trust/root.json           newest root record this site accepted
     cache/bases/<sha256>/     base.safetensors, model.json, verified.json (checked once)
     cache/keys/v<N>.sealed    sealed key versions as downloaded (signed sha256)
+    cache/records/<sha256>    verified targets records by signed sha256 (registry.record_cache)
+    cache/registry.json       lookup hints for the next pull (experiment, trust run)
     cache/quarantine/         cache entries that failed a check (kept for inspection)
     cache/available.json      last signed version list (for `status --offline`)
     installs/v<N>-<id>/       key.safetensors (0600), model.json, token.json (0600), state.json
@@ -174,10 +176,21 @@ def new_set_dir(site_dir: Path, version: int) -> Path:
     return staging
 
 
+def write_set_file(staging: Path, name: str, data: bytes, *, mode: int = 0o600) -> None:
+    """One file of a set being staged: written and fsynced in place. No temp file + rename
+    per file: the staging folder is private and appears whole by :func:`switch_current`."""
+    fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def switch_current(site_dir: Path, staging: Path) -> Path:
     """Publish ``staging`` as the installed set: rename it, then atomically swap ``current``."""
     from adaloc.fsutil import _fsync_dir
 
+    _fsync_dir(staging)  # its entries (written by write_set_file) before it is renamed
     final = staging.with_name(staging.name[1:].removesuffix(".partial"))
     os.replace(staging, final)
     _fsync_dir(final.parent)

@@ -10,12 +10,14 @@ timestamp with the highest counter whose signatures hold; nothing it reads is us
 from __future__ import annotations
 
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from registry import records as R
+from registry import run_io
 from registry import trust as T
 from registry.errors import NotFoundError, RegistryError, TrustError
-from registry.fetch import fetch
+from registry.fetch import ATTEMPTS
 
 TRUST_KIND = "trust"
 TRUST_DIR = "trust"
@@ -38,54 +40,46 @@ def read_artifact(
     sha256: str | None = None,
     length: int | None = None,
     label: str | None = None,
+    attempts: int = ATTEMPTS,
 ) -> bytes:
     """Bytes of ``path`` in run ``run_id``, capped at ``max_bytes`` (and hash-checked if given)."""
     with tempfile.TemporaryDirectory(prefix="adaloc-rec-") as tmp:
-        got = fetch(
-            f"{artifact_uri(store, run_id)}/{path}",
-            Path(tmp) / Path(path).name,
-            max_bytes=max_bytes,
-            expect_sha256=sha256,
-            expect_length=length,
-            tracking_uri=store.tracking_uri,
-            registry_uri=store.registry_uri,
-            label=label or path,
-        )
+        got = run_io.fetch_file(
+            store, run_id, path, Path(tmp) / Path(path).name, max_bytes=max_bytes,
+            expect_sha256=sha256, expect_length=length, label=label or path, attempts=attempts,
+        )  # fmt: skip
         return got.read_bytes()
 
 
-def artifact_uri(store, run_id: str) -> str:
-    """A run's artifact root (cached per store: MLflow never changes it)."""
-    cache = store.__dict__.setdefault("_artifact_uris", {})
-    if run_id not in cache:
-        cache[run_id] = store.client.get_run(run_id).info.artifact_uri
-    return cache[run_id]
+artifact_uri = run_io.artifact_uri  # a run's artifact root (cached per store)
 
 
 def trust_runs(store) -> list:
     """Runs tagged as trust runs in the model's experiment, oldest first (may be empty)."""
-    exp = store.client.get_experiment_by_name(store.model_name)
+    exp = run_io.experiment(store)
     if exp is None:
         return []
     runs = store.client.search_runs(
-        [exp.experiment_id],
+        [exp[0]],
         filter_string=f"tags.`{R.KIND}` = '{TRUST_KIND}'",
         max_results=MAX_TRUST_RUNS,
         order_by=["attributes.start_time ASC"],
     )
+    for run in runs:  # the search already says where each run's files are
+        run_io.remember(store, run.info.run_id, run.info.artifact_uri)
     return list(runs)
 
 
 def _listed(store, run_id: str) -> set[str]:
     try:
-        return {f.path for f in store.client.list_artifacts(run_id, TRUST_DIR)}
+        return run_io.list_dir(store, run_id, TRUST_DIR)
     except Exception:  # noqa: BLE001 - a broken candidate run is skipped, not fatal
         return set()
 
 
-def walk_roots(store, run_id: str, trusted: T.RootSigned):
+def walk_roots(store, run_id: str, trusted: T.RootSigned, *, listed: set[str] | None = None):
     """Follow root v(N+1), v(N+2), ... in ``run_id`` from ``trusted``; return the last valid."""
-    listed = _listed(store, run_id)
+    listed = _listed(store, run_id) if listed is None else listed
     for _ in range(T.MAX_ROOT_ROTATIONS):
         nxt = trusted.version + 1
         if root_file(nxt) not in listed:
@@ -96,35 +90,63 @@ def walk_roots(store, run_id: str, trusted: T.RootSigned):
     return trusted
 
 
-def newest_timestamp(store, trusted: T.RootSigned, *, at=None):
+def _probe_timestamp(store, run_id: str) -> bytes | None:
+    """The run's timestamp bytes in one try, or None (absent, or a transient error)."""
+    try:
+        return read_artifact(
+            store, run_id, f"{TRUST_DIR}/{TIMESTAMP_FILE}", max_bytes=T.MAX_TIMESTAMP_BYTES,
+            attempts=1,
+        )  # fmt: skip
+    except RegistryError:
+        return None
+
+
+def _candidate(store, run_id: str, trusted: T.RootSigned, listed: set[str], data: bytes | None):
+    """(env, ts, root, run_id) of one trust run's timestamp; None when it holds none."""
+    if f"{TRUST_DIR}/{TIMESTAMP_FILE}" not in listed:
+        return None
+    if data is None:  # listed, but the one-try probe failed: read it with the usual retries
+        data = read_artifact(
+            store, run_id, f"{TRUST_DIR}/{TIMESTAMP_FILE}", max_bytes=T.MAX_TIMESTAMP_BYTES
+        )
+    env = T.parse(data, "timestamp", "timestamp record")
+    root = walk_roots(store, run_id, trusted, listed=listed)  # always to the newest root listed
+    ts = T.verify(env, "timestamp", T.root_keys(root), root.threshold, "timestamp record")
+    T.check_model(ts, trusted.model, "timestamp record")
+    if ts.root_version != root.version:
+        raise TrustError(
+            f"timestamp record names root v{ts.root_version}, the chain reaches v{root.version}"
+        )
+    return env, ts, root, run_id
+
+
+def newest_timestamp(store, trusted: T.RootSigned, *, at=None, hint: tuple[str, ...] = ()):
     """(envelope, record, root, run_id) of the highest valid timestamp across trust runs.
 
-    Roots are walked per candidate run to the newest one listed there. Raises
-    the most telling error when no candidate verifies (TrustError / ExpiredError / NotFound).
+    Every run the trust-run search returns is a candidate (and only those); each one's listing
+    and timestamp are read together, and the runs in ``hint`` (where the last pull found it,
+    their artifact roots known) are read while the search runs: one round trip instead of
+    three. Roots are walked per candidate run to the newest one listed there. Raises the most
+    telling error when no candidate verifies (TrustError / ExpiredError / NotFound).
     """
     best, errors = None, []
-    for run in trust_runs(store):
-        run_id = run.info.run_id
-        if f"{TRUST_DIR}/{TIMESTAMP_FILE}" not in _listed(store, run_id):
-            continue
-        try:
-            data = read_artifact(
-                store, run_id, f"{TRUST_DIR}/{TIMESTAMP_FILE}", max_bytes=T.MAX_TIMESTAMP_BYTES
-            )
-            env = T.parse(data, "timestamp", "timestamp record")
-            root = walk_roots(store, run_id, trusted)  # always to the newest root listed
-            ts = T.verify(env, "timestamp", T.root_keys(root), root.threshold, "timestamp record")
-            T.check_model(ts, trusted.model, "timestamp record")
-            if ts.root_version != root.version:
-                raise TrustError(
-                    f"timestamp record names root v{ts.root_version}, the chain reaches "
-                    f"v{root.version}"
-                )
-        except RegistryError as err:
-            errors.append(err)
-            continue
-        if best is None or ts.counter > best[1].counter:
-            best = (env, ts, root, run_id)
+    with ThreadPoolExecutor(max_workers=2 * MAX_TRUST_RUNS + 1) as pool:
+
+        def start(run_id: str):
+            return pool.submit(_listed, store, run_id), pool.submit(_probe_timestamp, store, run_id)
+
+        known = run_io._uris(store)
+        early = {r: start(r) for r in hint[:MAX_TRUST_RUNS] if r in known}
+        runs = trust_runs(store)
+        started = {r.info.run_id: early.get(r.info.run_id) or start(r.info.run_id) for r in runs}
+        for run_id, (listed, data) in started.items():
+            try:
+                got = _candidate(store, run_id, trusted, listed.result(), data.result())
+            except RegistryError as err:
+                errors.append(err)
+                continue
+            if got is not None and (best is None or got[1].counter > best[1].counter):
+                best = got
     if best is None:
         if errors:
             raise errors[0]
@@ -135,8 +157,12 @@ def newest_timestamp(store, trusted: T.RootSigned, *, at=None):
     return best
 
 
-def read_targets(store, ts: T.TimestampSigned, root: T.RootSigned, version: int):
-    """The verified targets record of ``version`` as listed (length + sha256) by ``ts``."""
+def read_targets(store, ts: T.TimestampSigned, root: T.RootSigned, version: int, *, cache=None):
+    """The verified targets record of ``version`` as listed (length + sha256) by ``ts``.
+
+    ``cache`` (a :class:`registry.record_cache.RecordCache`) holds records by their signed
+    sha256: a hit is re-hashed and re-verified like a download, a miss is fetched and kept.
+    """
     entry = ts.versions.get(str(version))
     if entry is None:
         have = sorted(int(v) for v in ts.versions)
@@ -145,21 +171,25 @@ def read_targets(store, ts: T.TimestampSigned, root: T.RootSigned, version: int)
             f"(signed versions: {have}); tags or listings in MLflow do not count"
         )
     what = f"targets record of key version {version}"
-    data = read_artifact(
-        store,
-        entry.run_id,
-        f"{R.KEY_DIR}/{TARGETS_FILE}",
-        max_bytes=entry.length,
-        sha256=entry.sha256,
-        length=entry.length,
-        label=what,
-    )
+    data = cache.get(entry.sha256, entry.length) if cache is not None else None
+    if data is None:
+        data = read_artifact(
+            store,
+            entry.run_id,
+            f"{R.KEY_DIR}/{TARGETS_FILE}",
+            max_bytes=entry.length,
+            sha256=entry.sha256,
+            length=entry.length,
+            label=what,
+        )
     tg = T.verify(
         T.parse(data, "targets", what), "targets", T.root_keys(root), root.threshold, what
     )
     T.check_model(tg, ts.model, what)
     if tg.key_version != version:
         raise TrustError(f"{what} is signed for key version {tg.key_version}")
+    if cache is not None:
+        cache.put(entry.sha256, data)
     return tg
 
 

@@ -1,0 +1,67 @@
+"""Prefetch of a new sealed key while its targets record is read: one round trip less.
+
+The targets record names the key's file with its signed length and sha256, so waiting for it
+before asking for the key costs two round trips in a row. A prefetch asks for the key at its
+usual place (``key/key.sealed`` of the run the timestamp names) at the same time, capped at
+twice the size of the sealed key the site already holds (a key-only update keeps the key's
+size), into a private temp file. It is used only when the verified targets record names
+exactly that file and the bytes have the signed length and sha256; otherwise it is dropped
+and the key is fetched as before. Nothing is trusted or cached before that check.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from adaloc.formats import sha256_bytes
+from registry import records as R
+from registry import run_io
+
+SLACK = 64 * 1024  # header growth between versions (a new site sealed for, a token)
+
+
+class KeyPrefetch:
+    """One background download of ``path`` in ``run_id`` to ``dst`` (at most ``cap`` bytes)."""
+
+    def __init__(self, store, run_id: str, path: str, dst: Path, cap: int):
+        self.run_id, self.path, self.dst = run_id, path, Path(dst)
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._future = self._pool.submit(self._get, store, cap)
+
+    def _get(self, store, cap: int) -> bool:
+        try:
+            run_io.fetch_file(
+                store, self.run_id, self.path, self.dst, max_bytes=cap, attempts=1,
+                label="prefetched key",
+            )  # fmt: skip
+        except Exception:  # noqa: BLE001 - a failed prefetch only means the usual fetch
+            return False
+        return True
+
+    @classmethod
+    def start(cls, store, keys_dir: Path, version: int, run_id: str, state: dict | None):
+        """A prefetch of key ``version`` when the site holds a previous sealed key to size
+        the cap by and none for ``version`` yet; else None."""
+        if not state or state.get("version") == version:
+            return None
+        held = Path(keys_dir) / f"v{state['version']}.sealed"
+        if not held.is_file() or (Path(keys_dir) / f"v{version}.sealed").exists():
+            return None
+        dst, cap = Path(keys_dir) / f".v{version}.prefetch", 2 * held.stat().st_size + SLACK
+        return cls(store, run_id, f"{R.KEY_DIR}/{R.SEALED_FILE}", dst, cap)
+
+    def take(self, entry) -> bytes | None:
+        """The prefetched bytes when ``entry`` (the signed file entry) names them and they
+        have its length and sha256; else None."""
+        if not self._future.result() or (entry.run_id, entry.path) != (self.run_id, self.path):
+            return None
+        data = self.dst.read_bytes()
+        if len(data) != entry.length or sha256_bytes(data) != entry.sha256:
+            return None
+        return data
+
+    def close(self) -> None:
+        """Wait for the download to end and remove its file."""
+        self._pool.shutdown(wait=True)
+        self.dst.unlink(missing_ok=True)
