@@ -9,11 +9,11 @@ owner signature and header must agree with it. Local key files are only a cache.
 
 from __future__ import annotations
 
-from registry import trust as T
 from registry import trust_io
-from registry.errors import IntegrityError, NotAuthorizedError, TrustError
+from registry.errors import NotAuthorizedError
 from registry.keyring import OWNER_RECIPIENT_ID, OwnerKeyring
-from registry.sealing import open_sealed, read_header
+from registry.sealing import read_header
+from registry.signed_open import open_against_targets
 
 SEALED_ENTRY = "key.sealed"
 
@@ -33,9 +33,6 @@ def open_owner_copy(reg, owner: OwnerKeyring, version: int):
 
     NotAuthorizedError (one line) for a version published before owner sealing.
     """
-    from adaloc.artifact import decode_key
-    from adaloc.errors import KeyFormatError
-
     tg, root = signed_targets(reg, owner, version)
     entry = tg.files[SEALED_ENTRY]
     blob = trust_io.read_artifact(
@@ -47,37 +44,13 @@ def open_owner_copy(reg, owner: OwnerKeyring, version: int):
         length=entry.length,
         label=f"sealed key version {version} (owner copy)",
     )
-    unverified = read_header(blob)  # its signer picks the key; open_sealed then verifies
-    signer = unverified.owner
-    if OWNER_RECIPIENT_ID not in unverified.site_ids():
+    if OWNER_RECIPIENT_ID not in read_header(blob).site_ids():
         raise NotAuthorizedError(
             f"key version {version} of {reg.model_name!r} was published before owner sealing, "
             "so the registry holds no owner copy; run this flow where the owner's key cache "
             f"(OWNER_DIR/keys/key-v{version}.safetensors) is, or publish a new version there"
         )
-    pem = T.seal_keys(root).get(signer)
-    if pem is None:
-        raise TrustError(
-            f"key version {version} is sealed by key {signer}, which the owner's root "
-            f"v{root.version} does not name (revoked?)"
-        )
-    header, parts = open_sealed(
-        blob,
-        site_id=OWNER_RECIPIENT_ID,
-        site_private_key=owner.recipient_key(),
-        owner_public_pem=pem.encode(),
+    key, parts = open_against_targets(
+        blob, tg, root, recipient_id=OWNER_RECIPIENT_ID, private_key=owner.recipient_key()
     )
-    if (header.key_version, header.base_sha256) != (tg.key_version, tg.base_sha256) or (
-        "token" in parts
-    ) != tg.token:
-        raise IntegrityError(
-            f"sealed key says version {header.key_version} / base {header.base_sha256[:12]}, "
-            f"the signed targets say {tg.key_version} / {tg.base_sha256[:12]}: mixed records"
-        )
-    try:
-        key = decode_key(parts["key"])
-    except KeyFormatError as err:
-        raise IntegrityError(f"key version {version}: {err}") from err
-    if key.version != version or key.base_sha256 != tg.base_sha256:
-        raise IntegrityError(f"key artifact says version {key.version}, targets say {version}")
     return key, parts.get("token")

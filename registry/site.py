@@ -19,7 +19,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from adaloc.errors import KeyFormatError
 from adaloc.formats import (
     BASE_FILE,
     KEY_FILE,
@@ -53,9 +52,8 @@ from registry.sealing import (
     SITE_PUBLIC_FILE,
     generate_site_keys,
     key_fingerprint,
-    open_sealed,
-    read_header,
 )
+from registry.signed_open import open_against_targets
 from registry.site_set import InstalledSet, SiteInstalled  # noqa: F401 - re-exported
 
 SITE_FORMAT_VERSION = 2
@@ -405,42 +403,13 @@ class Site(SiteInstalled):
 
     def _open(self, blob: bytes, tg: T.TargetsSigned, root: T.RootSigned) -> dict[str, bytes]:
         """Check the sealed blob's owner signature and header against the targets; decrypt."""
-        from adaloc.artifact import decode_key
-
-        signer = read_header(blob).owner
-        pem = T.seal_keys(root).get(signer)
-        if pem is None:
-            raise TrustError(
-                f"key version {tg.key_version} is sealed by key {signer}, which the "
-                f"owner's root v{root.version} does not name (revoked?)"
-            )
-        header, parts = open_sealed(
+        _, parts = open_against_targets(
             blob,
-            site_id=self.config["site_id"],
-            owner_public_pem=pem.encode(),
-            site_private_key=F.load_site_key(self.directory / SITE_PRIVATE_FILE),
+            tg,
+            root,
+            recipient_id=self.config["site_id"],
+            private_key=F.load_site_key(self.directory / SITE_PRIVATE_FILE),
         )
-        if (
-            (header.key_version, header.base_sha256) != (tg.key_version, tg.base_sha256)
-            or (header.model_sha256 or "") != tg.model_sha256
-            or header.extra.get("model") not in (None, tg.model)
-        ):
-            raise IntegrityError(
-                f"sealed key says version {header.key_version} / base {header.base_sha256[:12]}, "
-                f"the signed targets say {tg.key_version} / {tg.base_sha256[:12]}: mixed records"
-            )
-        if ("token" in parts) != tg.token:
-            raise IntegrityError(
-                f"key version {tg.key_version}: token presence differs from targets"
-            )
-        try:
-            key = decode_key(parts["key"])
-        except KeyFormatError as err:
-            raise IntegrityError(f"key version {tg.key_version}: {err}") from err
-        if key.version != tg.key_version or key.base_sha256 != tg.base_sha256:
-            raise IntegrityError(
-                f"key artifact says version {key.version}, targets say {tg.key_version}"
-            )
         return parts
 
     def _base_dir(self, base_sha256: str) -> Path:

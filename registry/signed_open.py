@@ -1,0 +1,57 @@
+"""Open a sealed key version as the signed records allow: one check for sites and the owner.
+
+The transport can lie, so the blob's signer must be a seal key of the verified root, and its
+header (version, base, model) and token presence must match the owner-signed targets record
+before the decoded key is used. Sites and the owner's registry copy both call this.
+"""
+
+from __future__ import annotations
+
+from registry import trust as T
+from registry.errors import IntegrityError, TrustError
+from registry.sealing import open_sealed, read_header
+
+
+def open_against_targets(
+    blob: bytes,
+    tg: T.TargetsSigned,
+    root: T.RootSigned,
+    *,
+    recipient_id: str,
+    private_key,
+) -> tuple[object, dict[str, bytes]]:
+    """(adaloc Key, decrypted parts) of ``blob`` for ``recipient_id``; IntegrityError if the
+    blob disagrees with the signed targets, TrustError if the root does not name its signer."""
+    from adaloc.artifact import decode_key
+    from adaloc.errors import KeyFormatError
+
+    signer = read_header(blob).owner  # unverified: it only picks the key open_sealed checks
+    pem = T.seal_keys(root).get(signer)
+    if pem is None:
+        raise TrustError(
+            f"key version {tg.key_version} is sealed by key {signer}, which the "
+            f"owner's root v{root.version} does not name (revoked?)"
+        )
+    header, parts = open_sealed(
+        blob, site_id=recipient_id, owner_public_pem=pem.encode(), site_private_key=private_key
+    )
+    if (
+        (header.key_version, header.base_sha256) != (tg.key_version, tg.base_sha256)
+        or (header.model_sha256 or "") != tg.model_sha256
+        or header.extra.get("model") not in (None, tg.model)
+    ):
+        raise IntegrityError(
+            f"sealed key says version {header.key_version} / base {header.base_sha256[:12]}, "
+            f"the signed targets say {tg.key_version} / {tg.base_sha256[:12]}: mixed records"
+        )
+    if ("token" in parts) != tg.token:
+        raise IntegrityError(f"key version {tg.key_version}: token presence differs from targets")
+    try:
+        key = decode_key(parts["key"])
+    except KeyFormatError as err:
+        raise IntegrityError(f"key version {tg.key_version}: {err}") from err
+    if key.version != tg.key_version or key.base_sha256 != tg.base_sha256:
+        raise IntegrityError(
+            f"key artifact says version {key.version}, targets say {tg.key_version}"
+        )
+    return key, parts
