@@ -44,6 +44,7 @@ from adaloc.lock import Key, lock, state_sha256, unlock
 from adaloc.models import build_model
 
 MODEL = {"in_channels": 1, "num_classes": 10, "image_size": 28}
+SPEC = KeySpec(budget=0.05)  # one 5% key for both models
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -173,23 +174,27 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _locked_base(seed: int, out: Path) -> tuple:
+    """(base, key, saved-base record) of a freshly built CNN locked with a 5% key."""
+    torch.manual_seed(seed)
+    model = build_model("cnn", **MODEL)
+    base, key = lock(model, select_key(model, SPEC))
+    card = ModelCard("cnn", dict(MODEL), 10, [1, 28, 28], SPEC.to_dict())
+    return base, key, save_base(base, card, out)
+
+
 def _one_version_model(uri: str, work: Path, owner) -> tuple:
     """A second locked model on the same server with a single key version, and its site."""
     from registry import KeyRegistry, Site
 
-    torch.manual_seed(1)
-    model = build_model("cnn", **MODEL)
-    spec = KeySpec(budget=0.05)
-    base, key = lock(model, select_key(model, spec))
-    card = ModelCard("cnn", dict(MODEL), 10, [1, 28, 28], spec.to_dict())
-    saved = save_base(base, card, work / "base-one")
+    base, key, saved = _locked_base(1, work / "base-one")
     reg = KeyRegistry(uri, "one")
     reg.publish_base(work / "base-one", base_sha256=saved["sha256"])
     sha = state_sha256(unlock(base, key))
     site = Site.init(work / "site-one", site_id="site-one", tracking_uri=uri, model_name="one",
                      owner_public_pem=owner.owner_public_pem)  # fmt: skip
     owner.add_site("site-one", site.public_key_pem)
-    reg.publish_key(key, owner=owner, model_sha256=sha, key_spec=spec.to_dict())
+    reg.publish_key(key, owner=owner, model_sha256=sha, key_spec=SPEC.to_dict())
     reg.promote(1, owner=owner)
     Site(work / "site-one").pull("production")  # the base cache, root, hints of a live site
     return "one", work / "site-one", 1, sha, owner.owner_public_pem
@@ -218,12 +223,7 @@ def main(args: argparse.Namespace) -> dict:
                              owner_public_pem=owner.owner_public_pem)  # fmt: skip
             owner.add_site("site-1", site.public_key_pem)
             one = _one_version_model(uri, work, owner)
-            torch.manual_seed(0)
-            model = build_model("cnn", **MODEL)
-            spec = KeySpec(budget=0.05)
-            base, key = lock(model, select_key(model, spec))
-            card = ModelCard("cnn", dict(MODEL), 10, [1, 28, 28], spec.to_dict())
-            saved = save_base(base, card, work / "base")
+            base, key, saved = _locked_base(0, work / "base")
             reg.publish_base(work / "base", base_sha256=saved["sha256"])
             g, rows, publish_s = torch.Generator().manual_seed(1), [], []
             for v in tqdm(range(1, args.versions + 1), desc="publish", unit="version"):
@@ -233,7 +233,7 @@ def main(args: argparse.Namespace) -> dict:
                     key = Key(key.mask, values, key.base_sha256, version=v, parent=v - 1)
                 sha = state_sha256(unlock(base, key))
                 t = time.perf_counter()
-                reg.publish_key(key, owner=owner, model_sha256=sha, key_spec=spec.to_dict(),
+                reg.publish_key(key, owner=owner, model_sha256=sha, key_spec=SPEC.to_dict(),
                                 metrics={"bench": 1.0})  # fmt: skip
                 publish_s.append(time.perf_counter() - t)
                 if v in checkpoints:
