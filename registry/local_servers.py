@@ -150,12 +150,14 @@ def mlflow_server(
         stop_process_group(proc)
 
 
-def stop_process_group(proc: subprocess.Popen, *, grace_s: float = 15.0) -> None:
-    """SIGTERM ``proc``'s process group, then SIGKILL it if it lingers."""
+def stop_process_group(
+    proc: subprocess.Popen, *, grace_s: float = 15.0, signum: int = signal.SIGTERM
+) -> None:
+    """``signum`` (SIGTERM) to ``proc``'s process group, then SIGKILL it if it lingers."""
     if proc.poll() is not None:
         return
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signum)
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)

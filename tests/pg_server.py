@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.local_servers import free_port
+from registry.local_servers import free_port, stop_process_group
 
 PG_USER = "postgres"
 
@@ -131,13 +131,4 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 def _stop(proc: subprocess.Popen) -> None:
     """SIGINT (postgres' fast shutdown) to the whole group, SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
+    stop_process_group(proc, grace_s=30, signum=signal.SIGINT)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.local_servers import free_port, wait_http_ok
+from registry.local_servers import free_port, stop_process_group, wait_http_ok
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -50,16 +49,7 @@ class PrefectServer:
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=20)
-    except ProcessLookupError:
-        pass
+    stop_process_group(proc, grace_s=20)
 
 
 def _start(cmd: list[str], env: dict, log: Path, cwd: Path) -> subprocess.Popen:
