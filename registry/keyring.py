@@ -19,12 +19,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from registry.errors import BadFileError, NotAuthorizedError, NotFoundError, RegistryError
-from registry.fsutil import atomic_write_json, read_json
+from registry.fsutil import (
+    PRIVATE_FILE_MODE,
+    atomic_write_bytes,
+    atomic_write_json,
+    private_dir,
+    read_json,
+)
 from registry.keyfiles import (
     OWNER_PRIVATE_FILE,
     OWNER_PUBLIC_FILE,
     OWNER_RECIPIENT_FILE,
     OWNER_RECIPIENT_PUBLIC_FILE,
+    _private_pem,
     _public_pem,
     generate_owner_keys,
     generate_owner_recipient,
@@ -37,6 +44,10 @@ from registry.keyfiles import (
 from registry.sealing import seal
 
 SITES_FILE = "sites.json"
+# Recipient keys of earlier keyrings, carried over by a root rotation: they open the owner's
+# copies sealed before it and seal nothing (``<fingerprint>.key``, 0600, in a 0700 folder).
+RETIRED_RECIPIENTS_DIR = "owner-recipient-retired"
+_FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
 # The owner's own recipient id in a sealed header: not a valid site id, so no site can take it.
 OWNER_RECIPIENT_ID = "@owner"
 SITES_FORMAT_VERSION = 1
@@ -141,6 +152,57 @@ class OwnerKeyring:
             raise BadFileError(f"owner recipient public key {path} is not readable: {err}") from err
         load_public_key(pem, X25519PublicKey, f"owner recipient public key {path}")
         return pem
+
+    def recipient_key_for(self, fingerprint: str) -> X25519PrivateKey:
+        """The recipient key with public ``fingerprint``: this keyring's own, or one a root
+        rotation retired into it (it opens the owner's copies sealed before the rotation)."""
+        own = self.recipient_key()
+        if key_fingerprint(_public_pem(own.public_key())) == fingerprint:
+            return own
+        path = self.directory / RETIRED_RECIPIENTS_DIR / f"{fingerprint}.key"
+        if not _FINGERPRINT.match(fingerprint) or not path.exists():
+            raise NotAuthorizedError(
+                f"the owner copy is sealed for recipient key {fingerprint!r}, which keyring "
+                f"{self.directory} does not hold (a rotation with --revoke, or a keyring "
+                f"rotated by hand: copy the old owner-recipient.key to {path})"
+            )
+        return load_private_key(path, X25519PrivateKey, passphrase=self._passphrase_or_env())
+
+    def retire_recipients_from(self, old: OwnerKeyring) -> list[str]:
+        """Keep ``old``'s recipient key (and the ones it had retired) in this keyring for
+        opening only, encrypted like this keyring's owner.key; returns their fingerprints.
+
+        Called by a root rotation so the new keyring still opens the parent of its first
+        update. A keyring without a recipient key (made before owner sealing) carries none.
+        """
+        keys = []
+        if (old.directory / OWNER_RECIPIENT_FILE).exists():
+            keys.append(old.recipient_key())
+        retired_dir = old.directory / RETIRED_RECIPIENTS_DIR
+        for path in sorted(retired_dir.glob("*.key")) if retired_dir.is_dir() else ():
+            keys.append(
+                load_private_key(path, X25519PrivateKey, passphrase=old._passphrase_or_env())
+            )
+        own = self.directory / OWNER_RECIPIENT_FILE
+        own_fp = (
+            key_fingerprint(_public_pem(self.recipient_key().public_key())) if own.exists() else ""
+        )
+        passphrase = (
+            self._passphrase_or_env() if is_encrypted(self.directory / OWNER_PRIVATE_FILE) else None
+        )
+        if passphrase is not None:
+            self.signing_key()  # a wrong passphrase fails here, before any file is written
+        done = []
+        for key in keys:
+            fp = key_fingerprint(_public_pem(key.public_key()))
+            if fp == own_fp or fp in done:
+                continue
+            folder = private_dir(self.directory / RETIRED_RECIPIENTS_DIR)
+            atomic_write_bytes(
+                folder / f"{fp}.key", _private_pem(key, passphrase), mode=PRIVATE_FILE_MODE
+            )
+            done.append(fp)
+        return done
 
     @property
     def _sites_path(self) -> Path:

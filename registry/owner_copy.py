@@ -44,13 +44,20 @@ def open_owner_copy(reg, owner: OwnerKeyring, version: int):
         length=entry.length,
         label=f"sealed key version {version} (owner copy)",
     )
-    if OWNER_RECIPIENT_ID not in read_header(blob).site_ids():
+    header = read_header(blob)
+    if OWNER_RECIPIENT_ID not in header.site_ids():
         raise NotAuthorizedError(
             f"key version {version} of {reg.model_name!r} was published before owner sealing, "
             "so the registry holds no owner copy; run this flow where the owner's key cache "
             f"(OWNER_DIR/keys/key-v{version}.safetensors) is, or publish a new version there"
         )
+    # The fingerprint picks the keyring's own recipient key or one a rotation retired into it.
+    fingerprint = next(r for r in header.recipients if r["site_id"] == OWNER_RECIPIENT_ID)
     key, parts = open_against_targets(
-        blob, tg, root, recipient_id=OWNER_RECIPIENT_ID, private_key=owner.recipient_key()
+        blob,
+        tg,
+        root,
+        recipient_id=OWNER_RECIPIENT_ID,
+        private_key=owner.recipient_key_for(str(fingerprint.get("fingerprint", ""))),
     )
     return key, parts.get("token")

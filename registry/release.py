@@ -300,11 +300,15 @@ def rotate_root(
     """Root v(N+1) naming ``new_owner``'s key (+ extras), signed by the old and the new key.
 
     ``revoke_old`` drops the old key entirely (sealed blobs it signed are refused from then
-    on); otherwise it is retired: it signs no record, its old sealed blobs stay readable.
+    on); otherwise it is retired: it signs no record, its old sealed blobs stay readable,
+    and the old keyring's recipient key moves into ``new_owner`` for opening the owner
+    copies sealed before (``OwnerKeyring.retire_recipients_from``).
     Targets and the timestamp are re-signed with the new key.
     """
     root, run_id = current_root(reg, old_owner)
     old_key, new_key = signing_key(old_owner), signing_key(new_owner)
+    if not revoke_old:  # the new keyring must still open the owner copies sealed so far
+        new_owner.retire_recipients_from(old_owner)
     retired = dict(root.retired)
     if not revoke_old:
         retired.update(root.keys)

@@ -15,7 +15,7 @@ from adaloc.errors import ConfigError
 from pipelines.config import from_dict
 from pipelines.flows.common import open_owner
 from pipelines.scratch import HOOKS as SCRATCH_HOOKS
-from registry.keyring import OWNER_RECIPIENT_ID, OwnerKeyring
+from registry.keyring import OWNER_RECIPIENT_ID, RETIRED_RECIPIENTS_DIR, OwnerKeyring
 from registry.sealing import generate_site_keys, open_sealed
 from tests.pipelines.conftest import REPO
 
@@ -30,8 +30,10 @@ def _probe(config: dict) -> dict:
                            site_private_key=owner.recipient_key(),
                            owner_public_pem=owner.owner_public_pem)  # fmt: skip
     sites = [s.site_id for s in owner.sites()]
+    retired = sorted(p.stem for p in (owner.directory / RETIRED_RECIPIENTS_DIR).glob("*.key"))
+    opens = [owner.recipient_key_for(fp) is not None for fp in retired]
     return {"dir": str(owner.directory), "opened": parts["key"] == b"k" * 64, "sites": sites,
-            "owner_pub": owner.owner_public_pem}  # fmt: skip
+            "owner_pub": owner.owner_public_pem, "retired": retired, "opens": opens}  # fmt: skip
 
 
 def test_flow_opens_the_owner_keyring_from_a_secret_block(tmp_path, prefect_api, monkeypatch):
@@ -39,6 +41,8 @@ def test_flow_opens_the_owner_keyring_from_a_secret_block(tmp_path, prefect_api,
     owner = OwnerKeyring.init(tmp_path / "owner", passphrase=PASSPHRASE.encode())
     generate_site_keys(tmp_path / "site")
     owner.add_site("plant", tmp_path / "site" / "site.pub")
+    earlier = OwnerKeyring.init(tmp_path / "earlier", passphrase=PASSPHRASE.encode())
+    retired = owner.retire_recipients_from(earlier)  # as a root rotation leaves it
     cmd = [sys.executable, "-m", "pipelines.cli", "keys", "secret-block", "owner-keyring",
            "--owner-dir", str(owner.directory), "--with-passphrase"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
@@ -52,6 +56,7 @@ def test_flow_opens_the_owner_keyring_from_a_secret_block(tmp_path, prefect_api,
     got = _probe(cfg)
     assert got["opened"] and got["sites"] == ["plant"]
     assert got["owner_pub"] == owner.owner_public_pem
+    assert got["retired"] == retired and got["opens"] == [True]  # the block carries it
     assert not os.path.exists(got["dir"]), "the keyring outlived the flow run's scratch folder"
     assert not (tmp_path / "no-keyring-here").exists()
 

@@ -4,6 +4,8 @@ with one clear line."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from adaloc.artifact import encode_key
@@ -63,3 +65,52 @@ def test_tampered_owner_copy_is_refused(world, locked, tmp_path):
     reg.client.log_artifact(kv.run_id, str(blob), "key")
     with pytest.raises(IntegrityError):
         open_owner_copy(KeyRegistry(reg.tracking_uri, "copy"), owner, 1)
+
+
+@pytest.mark.parametrize("passphrase", [None, b"rotated passphrase"])
+def test_rotation_keeps_the_owner_copies_openable(tmp_path, locked, world, passphrase, monkeypatch):
+    """After a root rotation the new keyring opens the owner copies sealed before it (the
+    parent of its first update) with the retired recipient key, and seals new versions for
+    its own recipient key only; the carried key is 0600 and encrypted like owner.key."""
+    from registry.keyfiles import is_encrypted
+    from registry.keyring import RETIRED_RECIPIENTS_DIR
+    from registry.release import rotate_root
+    from registry.sealing import read_header
+
+    if passphrase:
+        monkeypatch.setenv("ADALOC_OWNER_PASSPHRASE", passphrase.decode())
+    reg, old = world
+    publish(reg, locked, old, 1)
+    new = OwnerKeyring.init(tmp_path / "new", passphrase=passphrase)
+    new.add_site("lab", tmp_path / "site" / "site.pub")
+    rotate_root(reg, old, new)
+    carried = list((new.directory / RETIRED_RECIPIENTS_DIR).glob("*.key"))
+    assert len(carried) == 1 and carried[0].stat().st_mode & 0o777 == 0o600
+    assert is_encrypted(carried[0]) == bool(passphrase)
+    kv = publish(reg, locked, new, 2, parent=1)
+    fresh = KeyRegistry(reg.tracking_uri, "copy")
+    for v in (1, 2):
+        key, _ = open_owner_copy(fresh, OwnerKeyring(new.directory), v)
+        assert encode_key(key) == encode_key(locked.keys[v])
+    blob = fresh.client.download_artifacts(kv.run_id, "key/key.sealed", str(tmp_path / "dl"))
+    header = read_header(Path(blob).read_bytes())
+    owner_entry = next(r for r in header.recipients if r["site_id"] == "@owner")
+    assert owner_entry["fingerprint"] != carried[0].stem  # v2 is sealed for the new key
+
+    # Without the carried key (a keyring rotated by hand) v1's copy fails in one line.
+    carried[0].unlink()
+    with pytest.raises(NotAuthorizedError, match="does not hold") as err:
+        open_owner_copy(fresh, OwnerKeyring(new.directory), 1)
+    assert "\n" not in str(err.value)
+
+
+def test_revoking_rotation_carries_no_recipient_key(tmp_path, locked, world):
+    from registry.keyring import RETIRED_RECIPIENTS_DIR
+    from registry.release import rotate_root
+
+    reg, old = world
+    publish(reg, locked, old, 1)
+    new = OwnerKeyring.init(tmp_path / "new")
+    new.add_site("lab", tmp_path / "site" / "site.pub")
+    rotate_root(reg, old, new, revoke_old=True)  # the old folder is taken to be compromised
+    assert not (new.directory / RETIRED_RECIPIENTS_DIR).exists()
