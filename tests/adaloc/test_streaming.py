@@ -6,6 +6,8 @@ split disjointly over ranks, and a damaged shard is a one-line DatasetError."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from adaloc.evaluate import accuracy, evaluate_lock
 from adaloc.keys import KeySpec, select_key
 from adaloc.lock import lock, outside_key_sha256
 from adaloc.models import build_model
-from adaloc.shards import MANIFEST, ShardSet, convert_image_folder, main, write_shards
+from adaloc.shards import MANIFEST, ShardSet, main, write_shards
 from adaloc.streaming import fit_stream, key_sample, make_loader, stream_dataset, write_image_folder
 from adaloc.training import TrainConfig
 
@@ -35,12 +37,14 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(folder, tmp_path_factory):
-    """The same folder as shards of 100 samples (train: 6 shards, the last one short)."""
+    """The same folder as shards of 100 samples (train: 6 shards), made by the CLI."""
     out = tmp_path_factory.mktemp("digits-shards") / "shards"
-    assert convert_image_folder(folder, out, shard_size=100, progress=False) == {
-        "train": 600,
-        "test": len(load_dataset("digits").test),
-    }
+    cmd = [sys.executable, "-m", "adaloc.shards", str(folder), str(out), "--shard-size", "100"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = {"train": 600, "test": len(load_dataset("digits").test)}
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"out": str(out), **counts}
+    assert len(json.loads((out / "train" / MANIFEST).read_text())["shards"]) == 6
     return out
 
 
