@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -196,3 +197,28 @@ def test_missing_or_empty_folder_is_a_dataset_error(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
     with pytest.raises(DatasetError):
         stream_dataset(tmp_path)
+
+
+def test_png_decoding_matches_pil_also_when_it_falls_back(tmp_path):
+    """8-bit PNGs of the wanted channels and size go through libpng; others (RGB read as
+    grayscale, another size, 16-bit) through PIL: the pixels are PIL's in every case."""
+    from PIL import Image
+
+    from adaloc.streaming import image_folder
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "a").mkdir()
+    rgb = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a" / "0.png")
+    wide = rng.integers(0, 65536, (6, 5), dtype=np.uint16)
+    Image.fromarray(wide).save(tmp_path / "a" / "1.png")
+    for mode, size in (("RGB", (6, 5)), ("L", (6, 5)), ("L", (4, 4))):
+        ds = image_folder(tmp_path, mode=mode, image_size=size)
+        for k, (x, _) in enumerate(ds):
+            with Image.open(tmp_path / "a" / f"{k}.png") as img:
+                img = img.convert(mode)
+                if img.size != (size[1], size[0]):
+                    img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                want = np.asarray(img, dtype=np.uint8)
+            want = want[None] if want.ndim == 2 else want.transpose(2, 0, 1)
+            assert torch.equal(x, torch.from_numpy(want.copy()).float().div_(255)), (mode, k)
