@@ -1,19 +1,20 @@
-"""Datasets that don't fit in memory: image folders read lazily through a DataLoader.
+"""Datasets that don't fit in memory: image folders or sample shards read lazily.
 
-Library choice: torchvision's ``datasets.ImageFolder``/``DatasetFolder`` (already a
-dependency, made for the ``root/<class>/<image>`` layout, lists file paths only and decodes
-one image per ``__getitem__``) under ``torch.utils.data.DataLoader`` with worker processes,
-so decoding runs beside training and memory is bounded by ``batch_size * prefetch_factor *
-workers`` samples, not by the folder's size. ``webdataset`` (sharded tars) is not needed for
-a local or mounted folder and is not installed here; a tar-shard dataset would plug into the
-same functions.
+Two sources, one interface (float32 ``[C, H, W]`` in [0, 1] batches, int64 labels, the
+``PATH/train`` + ``PATH/test`` layout of ``load_dataset("imagefolder:PATH")``):
 
-The same folder layout as ``load_dataset("imagefolder:PATH")`` (``PATH/train/<class>/``,
-``PATH/test/<class>/``), the same tensors (float32 ``[C, H, W]`` in [0, 1], int64 labels),
-so the in-memory path stays the fast default for small sets and this one takes over when a
-set outgrows RAM. Entry points: :func:`fit_stream` (full or key-only training, through
-:func:`adaloc.training.run_loop`), :func:`key_sample` (a bounded sample for saliency key
-selection), and :mod:`adaloc.evaluate` / :mod:`adaloc.distributed`, which accept a loader.
+- image folders: torchvision's ``DatasetFolder`` (already a dependency, made for the
+  ``root/<class>/<image>`` layout, lists file paths only and decodes one image per
+  ``__getitem__``; PNGs through libpng via ``torchvision.io``) under a ``DataLoader`` with
+  worker processes; memory is bounded by ``batch_size * prefetch_factor * workers`` samples;
+- uint8 sample shards (:mod:`adaloc.shards`, made from a folder with ``python -m
+  adaloc.shards``): no decoding, whole batches per worker, bounded by a few shards.
+
+The in-memory path stays the fast default for small sets; this one takes over when a set
+outgrows RAM. Entry points: :func:`stream_dataset`, :func:`make_loader`, :func:`fit_stream`
+(full or key-only training, through :func:`adaloc.training.run_loop`), :func:`key_sample` (a
+bounded sample for saliency key selection), and :mod:`adaloc.evaluate` /
+:mod:`adaloc.distributed`, which accept a loader or Dataset.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
 
 from adaloc.data import IMAGE_SUFFIXES, ImageSet
 from adaloc.device import best_device
-from adaloc.errors import DatasetError
+from adaloc.errors import ConfigError, DatasetError
 from adaloc.keys import KeyMask
+from adaloc.shards import MANIFEST, ShardLoader, ShardSet, ShardStream
 from adaloc.training import KeyGuard, TrainConfig, TrainReport, run_loop
 
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -43,6 +46,29 @@ class _DecodeImage:
         self.mode, self.size = mode, size
 
     def __call__(self, path: str) -> torch.Tensor:
+        array = self._fast_png(path) if path.lower().endswith(".png") else None
+        if array is None:
+            array = self._pil(path)
+        return torch.from_numpy(array).float().div_(255)
+
+    def _fast_png(self, path: str) -> np.ndarray | None:
+        """libpng through torchvision.io (~3x faster than PIL on small images) when the file
+        is 8-bit with the wanted channels and size; None sends it to PIL, which also names
+        the error of a broken file."""
+        from torchvision.io import ImageReadMode, decode_png
+
+        try:
+            with open(path, "rb") as f:
+                data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            img = decode_png(data, mode=ImageReadMode.UNCHANGED)
+        except (OSError, RuntimeError, ValueError):
+            return None
+        channels = 1 if self.mode == "L" else 3
+        if img.dtype != torch.uint8 or tuple(img.shape) != (channels, *self.size):
+            return None
+        return img.numpy()
+
+    def _pil(self, path: str) -> np.ndarray:
         from PIL import Image
 
         try:
@@ -53,8 +79,7 @@ class _DecodeImage:
                 array = np.asarray(img, dtype=np.uint8)
         except (OSError, ValueError) as err:  # truncated data surfaces only on decode
             raise DatasetError(f"cannot decode image {path}: {err}") from err
-        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-        return torch.from_numpy(array.copy()).float().div_(255)
+        return array[None].copy() if array.ndim == 2 else array.transpose(2, 0, 1).copy()
 
 
 @dataclass
@@ -104,9 +129,12 @@ def image_folder(
 
 
 def stream_dataset(path: str | Path, *, image_size: int | None = None) -> StreamBundle:
-    """``PATH/train`` and ``PATH/test`` image folders, read lazily (same layout as
+    """``PATH/train`` and ``PATH/test``, read lazily: shard folders (``adaloc.shards``, when
+    ``PATH/train/shards.json`` exists) or image folders (the layout of
     ``load_dataset("imagefolder:PATH")``)."""
     path = Path(path)
+    if (path / "train" / MANIFEST).is_file():
+        return _shard_bundle(path, image_size)
     size = None if image_size is None else (image_size, image_size)
     train = image_folder(path / "train", image_size=size)
     mode, size = train.loader.mode, train.loader.size
@@ -121,6 +149,24 @@ def stream_dataset(path: str | Path, *, image_size: int | None = None) -> Stream
     )  # fmt: skip
 
 
+def _shard_bundle(path: Path, image_size: int | None) -> StreamBundle:
+    train, test = ShardSet(path / "train"), ShardSet(path / "test")
+    if (train.classes, train.shape) != (test.classes, test.shape):
+        raise DatasetError(
+            f"{path}: train/ and test/ shards differ: {train.classes} {train.shape} vs "
+            f"{test.classes} {test.shape}"
+        )
+    channels, h, w = train.shape
+    if image_size is not None and (h, w) != (image_size, image_size):
+        raise DatasetError(
+            f"{path}: shards hold {h}x{w} images, not {image_size}x{image_size}; make shards "
+            f"at that size (`python -m adaloc.shards SRC OUT --image-size {image_size}`)"
+        )
+    return StreamBundle(
+        f"shards:{path}", train, test, len(train.classes), channels, (h, w), train.classes
+    )
+
+
 def make_loader(
     dataset: Dataset,
     *,
@@ -129,15 +175,19 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 2,
     sampler: Sampler | None = None,
-) -> DataLoader:
-    """A DataLoader over ``dataset`` with ``num_workers`` decoding processes.
+) -> DataLoader | ShardLoader:
+    """A loader of ``(x, y)`` batches over ``dataset`` with ``num_workers`` processes.
 
     Seeded shuffling (or ``sampler``, e.g. a DistributedSampler). The last batch is dropped
-    only when it would hold a lone sample (BatchNorm cannot train on one).
+    only when it would hold a lone sample (BatchNorm cannot train on one). A ShardSet gets a
+    :class:`~adaloc.shards.ShardLoader` (whole batches from each worker; a
+    DistributedSampler's rank, world, seed and epoch are honoured, its order is the shards').
     """
     n = len(sampler) if sampler is not None else len(dataset)
     if n == 0:
         raise DatasetError("dataset is empty: nothing to load")
+    if isinstance(dataset, ShardSet) and isinstance(sampler, (type(None), DistributedSampler)):
+        return _shard_loader(dataset, batch_size, shuffle, seed, num_workers, sampler)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -148,6 +198,26 @@ def make_loader(
         persistent_workers=num_workers > 0,  # no re-fork per epoch
         drop_last=n > 1 and n % batch_size == 1,
     )
+
+
+def _shard_loader(dataset, batch_size, shuffle, seed, num_workers, sampler) -> ShardLoader:
+    if sampler is None:
+        stream = ShardStream(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed)
+        return ShardLoader(stream, num_workers=num_workers)
+    if not sampler.drop_last and len(dataset) % sampler.num_replicas:
+        raise ConfigError(
+            f"{len(dataset)} shard samples do not split evenly over {sampler.num_replicas} "
+            "ranks; use DistributedSampler(drop_last=True)"
+        )
+    stream = ShardStream(
+        dataset,
+        batch_size=batch_size,
+        shuffle=sampler.shuffle,
+        seed=sampler.seed,
+        rank=sampler.rank,
+        world=sampler.num_replicas,
+    )
+    return ShardLoader(stream, num_workers=num_workers, epoch_source=sampler)
 
 
 def fit_stream(

@@ -8,9 +8,14 @@
 
     torchrun --standalone --nproc_per_node 2 -m pipelines.train_ddp \\
         --dataset imagefolder:runs/images --stream --num-workers 2 --mode key ...
+    python -m adaloc.shards runs/images runs/shards
+    torchrun --standalone --nproc_per_node 2 -m pipelines.train_ddp \\
+        --dataset shards:runs/shards --num-workers 1 --mode key ...
 
 ``--stream`` reads an ``imagefolder:PATH`` set lazily (adaloc.streaming: ImageFolder +
-DataLoader workers + DistributedSampler) instead of loading it into memory.
+DataLoader workers + DistributedSampler) instead of loading it into memory; a
+``shards:PATH`` set (uint8 shards made by ``python -m adaloc.shards``) is always streamed,
+each rank reading its DistributedSampler-equal part in whole batches.
 ``--mode full`` trains the whole network (the owner's base training); ``--mode key`` trains
 only the key positions of the mask stored in ``--key`` (an adaloc key artifact). gloo on
 CPU, nccl on CUDA (one process per GPU). Rank 0 writes ``--out`` (safetensors state dict)
@@ -51,7 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stream",
         action="store_true",
-        help="read --dataset imagefolder:PATH lazily through DataLoader workers",
+        help="read --dataset imagefolder:PATH lazily through DataLoader workers "
+        "(shards:PATH always is)",
     )
     p.add_argument("--num-workers", type=int, default=2, help="loader processes per rank")
     p.add_argument("--device", default="auto")
@@ -79,9 +85,10 @@ def main(args: argparse.Namespace) -> dict | None:
 
     if args.mode == "key" and not args.key:
         raise ConfigError("--mode key needs --key KEY_FILE (whose mask is trained)")
-    if args.stream and (not args.dataset.startswith("imagefolder:") or args.updates):
+    args.stream = args.stream or args.dataset.startswith("shards:")
+    if args.stream and (not args.dataset.startswith(("imagefolder:", "shards:")) or args.updates):
         raise ConfigError(
-            f"--stream reads --dataset imagefolder:PATH (got {args.dataset!r}) "
+            f"--stream reads --dataset imagefolder:PATH or shards:PATH (got {args.dataset!r}) "
             "and cannot be combined with --updates"
         )
     rank, world, device = init_distributed(args.device)
@@ -89,7 +96,9 @@ def main(args: argparse.Namespace) -> dict | None:
         if args.stream:
             from adaloc.streaming import stream_dataset
 
-            bundle = stream_dataset(args.dataset.removeprefix("imagefolder:"))
+            bundle = stream_dataset(args.dataset.partition(":")[2])
+            if args.dataset.startswith("shards:") and not bundle.name.startswith("shards:"):
+                raise ConfigError(f"{args.dataset}: no shards.json under train/; see adaloc.shards")
         else:
             bundle = load_dataset(args.dataset, args.data_root)
         if args.train_limit:

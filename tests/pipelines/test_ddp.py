@@ -77,9 +77,11 @@ def test_ddp_two_gloo_processes_keep_key_only_guarantee(tmp_path):
     assert changed and set(changed) <= set(mask.names), f"moved outside the key: {changed}"
 
 
-def test_ddp_key_only_update_on_the_streaming_path(tmp_path):
-    """2 gloo ranks, each reading its DistributedSampler shard of a PNG folder through
-    DataLoader workers: only key positions move, every other value stays bit-identical."""
+@pytest.mark.parametrize("source", ["imagefolder", "shards"])
+def test_ddp_key_only_update_on_the_streaming_path(tmp_path, source):
+    """2 gloo ranks, each reading its DistributedSampler part of a PNG folder (or of the same
+    images as uint8 shards) through DataLoader workers: only key positions move, every other
+    value stays bit-identical."""
     from safetensors.torch import load_file, save_file
 
     from adaloc.artifact import save_key
@@ -87,11 +89,14 @@ def test_ddp_key_only_update_on_the_streaming_path(tmp_path):
     from adaloc.keys import KeySpec, select_key
     from adaloc.lock import lock, outside_key_sha256
     from adaloc.models import build_model
+    from adaloc.shards import convert_image_folder
     from adaloc.streaming import write_image_folder
 
     bundle = load_dataset("digits")
     n = write_image_folder(bundle.train, tmp_path / "png" / "train")
     write_image_folder(bundle.test, tmp_path / "png" / "test")
+    if source == "shards":  # 300 samples a shard: several shards per rank and window
+        convert_image_folder(tmp_path / "png", tmp_path / "shards", shard_size=300, progress=False)
     torch.manual_seed(0)
     model = build_model("cnn", in_channels=1, num_classes=10, image_size=bundle.image_size)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "init.st")
@@ -101,10 +106,10 @@ def test_ddp_key_only_update_on_the_streaming_path(tmp_path):
 
     keyed = _torchrun(
         tmp_path,
-        "--mode", "key", "--stream", "--num-workers", "1",
+        "--mode", "key", "--stream", "--num-workers", "2" if source == "shards" else "1",
         "--init", str(tmp_path / "init.st"), "--key", str(tmp_path / "key.safetensors"),
         "--optimizer", "adamw",
-        dataset=f"imagefolder:{tmp_path / 'png'}",
+        dataset=f"{source}:{tmp_path / ('png' if source == 'imagefolder' else 'shards')}",
     )  # fmt: skip
     assert keyed["stream"] and keyed["ranks_agree"], "the two ranks ended with different weights"
     assert keyed["steps"] == -(-(n // 2) // 32), "each rank should walk half of the folder"
