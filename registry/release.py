@@ -114,15 +114,15 @@ def _pem(key) -> bytes:
     return public_pem_of(key)
 
 
-def _previous(reg, owner, root: T.RootSigned):
+def _previous(reg, owner, root: T.RootSigned, run_id: str | None = None):
     """The newest timestamp the owner signed: registry's or its local copy (higher counter).
 
     A spec-1 timestamp (every version listed) is read too, as a ``T.TimestampV1``: the
     owner migrates it into snapshot shards on the next signing."""
     best = None
-    _, run_id = current_root(reg, owner)
-    try:
-        env, ts, _, _ = IO.newest_timestamp(reg, root, legacy=True, hint=(run_id,))
+    try:  # the owner's trust run first: one request when its timestamp is the newest
+        hint = (run_id,) if run_id else ()
+        env, ts, _, _ = IO.newest_timestamp(reg, root, legacy=True, hint=hint)
         best = (env, ts)
     except (NotFoundError, TrustError):
         best = None  # absent, expired or forged in the registry: fall back to the local copy
@@ -314,7 +314,7 @@ def sign_timestamp(
     root, run_id = current_root(reg, owner)
     extra = dict(extra_versions or {})
     for _ in range(PUBLISH_ROUNDS):
-        prev = _previous(reg, owner, root)
+        prev = _previous(reg, owner, root, run_id)
         prev_ts = prev[1] if prev else carry
         chain_of = None if rebuild else prev_ts
         new = {v: e for v, e in extra.items() if rebuild or _lookup(reg, chain_of, int(v)) is None}
@@ -402,10 +402,10 @@ def promote(
     The promotion goes into the next timestamp together with ``extra_versions`` and
     ``aliases`` (publish + promote is one signed step).
     """
-    root, _ = current_root(reg, owner)
+    root, run_id = current_root(reg, owner)
     entry = (extra_versions or {}).get(str(version))
     if entry is None:
-        prev = _previous(reg, owner, root)
+        prev = _previous(reg, owner, root, run_id)
         entry = _lookup(reg, prev[1] if prev else None, version)
         if entry is None:
             kv = reg.resolve(version, with_metrics=False)
@@ -487,7 +487,7 @@ def rotate_root(
     env = T.sign(signed, [old_key, new_key])
     new_root = T.next_root(root, env, f"root record v{root.version + 1}")
     reg.__dict__.pop("_roots", None)  # the cached chain ends one root too early now
-    prev = _previous(reg, old_owner, root)
+    prev = _previous(reg, old_owner, root, run_id)
     _upload(reg, run_id, IO.TRUST_DIR, f"root-{new_root.version}.json", T.canonical(env))
     versions, carry, promotion = {}, None, None
     if prev:

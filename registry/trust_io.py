@@ -301,7 +301,7 @@ def read_targets(
     T.check_model(tg, ts.model, what)
     if tg.key_version != version:
         raise TrustError(f"{what} is signed for key version {tg.key_version}")
-    if cache is not None and not isinstance(entry, T.HeadEntry):
+    if cache is not None:  # (a head's record too: it outlives the timestamp naming it)
         cache.put(entry.sha256, data)
     return tg
 
