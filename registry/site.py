@@ -351,7 +351,7 @@ class Site(SiteInstalled):
         keys_dir = self.directory / "cache" / "keys"
         blob = RC.RecordCache(keys_dir).get_file(f"v{version}.sealed", k.sha256, k.length)
         if blob is None and prefetch and (blob := prefetch.take(k)) is not None:
-            atomic_write_bytes(keys_dir / f"v{version}.sealed", blob)  # checked: signed sha256
+            RC._write(keys_dir / f"v{version}.sealed", blob)  # a cache, checked: signed sha256
         if blob is None:  # not cached (or damaged there): download, capped and hash-checked
             part = keys_dir / f".v{version}.sealed.download"
             self._online(
@@ -359,6 +359,7 @@ class Site(SiteInstalled):
                 lambda: run_io.fetch_file(
                     reg, k.run_id, k.path, part, max_bytes=k.length, expect_sha256=k.sha256,
                     expect_length=k.length, label=f"key v{version}", progress=progress,
+                    durable=False,  # a cache: re-hashed against the signed sha256 when read
                 ),
             )  # fmt: skip
             blob = part.read_bytes()
@@ -390,13 +391,13 @@ class Site(SiteInstalled):
             "previous": previous,
         }
         staging = F.new_set_dir(self.directory, version)
-        F.write_set_file(staging, KEY_FILE, parts["key"])
-        F.write_set_file(staging, MODEL_CARD_FILE, (base_dir / MODEL_CARD_FILE).read_bytes())
-        if "token" in parts:
-            F.write_set_file(staging, TOKEN_FILE, parts["token"])
-        F.write_set_file(
-            staging, F.STATE_FILE, (json.dumps(new_state, indent=2, sort_keys=True) + "\n").encode()
-        )
+        files = {
+            KEY_FILE: parts["key"],
+            MODEL_CARD_FILE: (base_dir / MODEL_CARD_FILE).read_bytes(),
+            **({TOKEN_FILE: parts["token"]} if "token" in parts else {}),
+            F.STATE_FILE: (json.dumps(new_state, indent=2, sort_keys=True) + "\n").encode(),
+        }
+        F.write_set_files(staging, files)
         F.switch_current(self.directory, staging)
         seconds["install"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0

@@ -52,6 +52,7 @@ def read_artifact(
         got = run_io.fetch_file(
             store, run_id, path, Path(tmp) / Path(path).name, max_bytes=max_bytes,
             expect_sha256=sha256, expect_length=length, label=label or path, attempts=attempts,
+            durable=False,
         )  # fmt: skip
         return got.read_bytes()
 
