@@ -3,8 +3,11 @@
 Every write here needs the owner's Ed25519 signing key; a registry writer without it can
 only produce records that sites refuse. The owner re-derives the timestamp from what it
 signed before (the newest verified timestamp in the registry, and a local copy in its
-keyring folder, whichever has the higher counter) plus the ready versions whose targets it
-can verify: versions never drop out of the signed list, so hiding them in MLflow is useless.
+keyring folder, whichever has the higher counter) plus the new versions: they are appended
+to the newest snapshot shard (see registry.trust), so a publish costs the same at 1 or 10,000
+versions. Versions never drop out of the signed chain, so hiding them in MLflow is useless;
+ready versions a crashed publish left unlisted are picked up by the next publish (the numbers
+it skipped) or by ``adaloc registry sign-timestamp`` (all of them).
 """
 
 from __future__ import annotations
