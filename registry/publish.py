@@ -217,7 +217,7 @@ class KeyPublishing:
     def _ready_key_version(self, version: int):
         """The ready KeyVersion numbered ``version``, or None (one request)."""
         try:
-            return self.resolve(int(version), with_metrics=False)
+            return self._by_number(int(version), explain=False)
         except NotFoundError:
             return None
 

@@ -206,16 +206,23 @@ class KeyRegistry(KeyPublishing, MlflowStore):
             f"(have {[kv.version for kv in versions]})"
         )
 
-    def _by_number(self, version: int) -> KeyVersion:
-        """One request: model version ``version``, refused unless it is ready."""
+    def _by_number(self, version: int, *, explain: bool = True) -> KeyVersion:
+        """One request: model version ``version``, refused unless it is ready (``explain``:
+        the error lists the ready versions, one listing on that path only)."""
+
+        def missing():
+            if explain:
+                return self._pick(version, self.history(with_aliases=False))  # raises
+            raise NotFoundError(f"key version {version} not found in {self.key_name!r}")
+
         try:
             mv = self.client.get_model_version(self.key_name, str(version))
         except MlflowException as err:
             if err.error_code not in _MISSING_CODES:
                 raise
-            raise NotFoundError(f"key version {version} not found in {self.key_name!r}") from err
+            return missing()
         if mv.tags.get(R.STATUS) != R.READY:
-            raise NotFoundError(f"key version {version} not found in {self.key_name!r} (not ready)")
+            return missing()
         try:
             return KeyVersion.from_model_version(mv, aliases=list(getattr(mv, "aliases", []) or []))
         except (TypeError, ValueError) as err:
