@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -80,7 +81,6 @@ KEEP = ("site.json", "site.key", "site.pub", "owner.pub", "seen.json", "trust", 
 def fresh_site(site_dir: Path, dst: Path) -> Path:
     """A copy of ``site_dir`` with only :data:`KEEP` (no installed set, no cached targets or
     sealed keys): pulling into it is a full pull of the current version."""
-    import shutil
 
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
@@ -201,15 +201,25 @@ def _one_version_model(uri: str, work: Path, owner) -> tuple:
     return "one", work / "site-one", 1, sha, owner.owner_public_pem
 
 
+_SCRATCH: list[Path] = []  # removed by the signal handler (os._exit skips the with blocks)
+
+
 def _stop_on_signals() -> None:
-    """SIGTERM / SIGINT end the run through the normal exits, so every ``with`` block below
-    stops what it started (``mlflow_server`` stops its process group with
-    ``registry.local_servers.stop_process_group``; moto's thread ends)."""
+    """SIGTERM / SIGINT stop the servers' process groups right away
+    (``registry.local_servers.stop_all_servers`` -> ``stop_process_group``), then exit with
+    128 + the signal. Raising into the main thread instead can stop it inside a lock taken
+    by a worker thread and hang the clean-up (seen: a SIGTERM mid-publish left the server up).
+    Partial results are already on disk (written at each checkpoint); moto is a thread of
+    this process and ends with it."""
+    from registry.local_servers import stop_all_servers
 
     def handler(signum, frame):
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the clean-up
-        raise SystemExit(128 + signum)
+        stop_all_servers()
+        for path in _SCRATCH:  # what TemporaryDirectory would have removed
+            shutil.rmtree(path, ignore_errors=True)
+        os._exit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)
@@ -231,6 +241,7 @@ def main(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, moto_s3("scale") as s3:
         work = Path(tmp)
+        _SCRATCH.append(work)
         with mlflow_server(work / "server", s3=s3, timeout_s=900) as server:
             uri, name = server.tracking_uri, "scale"
             reg = KeyRegistry(uri, name)
