@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -79,7 +81,6 @@ KEEP = ("site.json", "site.key", "site.pub", "owner.pub", "seen.json", "trust", 
 def fresh_site(site_dir: Path, dst: Path) -> Path:
     """A copy of ``site_dir`` with only :data:`KEEP` (no installed set, no cached targets or
     sealed keys): pulling into it is a full pull of the current version."""
-    import shutil
 
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
@@ -160,7 +161,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def write_markdown(rows: list[dict], path: Path) -> None:
     """One row per checkpoint: medians (ms) for many vs one version, and the ratios."""
     lines = ["| versions | signed resolve ms (many / one) | ratio | MLflow alias resolve ms | "
-             "ratio | site pull ms (many / one) | ratio | publish s (last) |",
+             "ratio | site pull ms (many / one) | ratio | publish s (median of last 10) |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         ms = {k: v * 1e3 for k, v in r.items() if k.endswith("_s") and isinstance(v, float)}
@@ -169,7 +170,7 @@ def write_markdown(rows: list[dict], path: Path) -> None:
             f"{r['resolve_ratio']:.2f} | {ms['many_resolve_mlflow_s']:.0f} / "
             f"{ms['one_resolve_mlflow_s']:.0f} | {r['resolve_mlflow_ratio']:.2f} | "
             f"{ms['many_pull_s']:.0f} / {ms['one_pull_s']:.0f} | {r['pull_ratio']:.2f} | "
-            f"{r.get('publish_s_last', float('nan')):.2f} |"
+            f"{r.get('publish_s_median_last_10', float('nan')):.2f} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
@@ -200,8 +201,33 @@ def _one_version_model(uri: str, work: Path, owner) -> tuple:
     return "one", work / "site-one", 1, sha, owner.owner_public_pem
 
 
+_SCRATCH: list[Path] = []  # removed by the signal handler (os._exit skips the with blocks)
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM / SIGINT stop the servers' process groups right away
+    (``registry.local_servers.stop_all_servers`` -> ``stop_process_group``), then exit with
+    128 + the signal. Raising into the main thread instead can stop it inside a lock taken
+    by a worker thread and hang the clean-up (seen: a SIGTERM mid-publish left the server up).
+    Partial results are already on disk (written at each checkpoint); moto is a thread of
+    this process and ends with it."""
+    from registry.local_servers import stop_all_servers
+
+    def handler(signum, frame):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the clean-up
+        stop_all_servers()
+        for path in _SCRATCH:  # what TemporaryDirectory would have removed
+            shutil.rmtree(path, ignore_errors=True)
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
 def main(args: argparse.Namespace) -> dict:
     """Publish versions, measure at each checkpoint, write JSON + PNG."""
+    _stop_on_signals()
     from registry import KeyRegistry, OwnerKeyring, Site
     from registry.local_servers import mlflow_server, moto_s3
 
@@ -215,6 +241,7 @@ def main(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, moto_s3("scale") as s3:
         work = Path(tmp)
+        _SCRATCH.append(work)
         with mlflow_server(work / "server", s3=s3, timeout_s=900) as server:
             uri, name = server.tracking_uri, "scale"
             reg = KeyRegistry(uri, name)
@@ -242,14 +269,18 @@ def main(args: argparse.Namespace) -> dict:
                     many = (name, work / "site", v, sha, owner.owner_public_pem)
                     rows.append(measure(uri, many, one, args.repeats))
                     r = rows[-1]
-                    partial = {"rows": rows, "code": code, "partial": v < args.versions}
-                    (out / "registry_scale.json").write_text(json.dumps(partial, indent=2))
                     r["publish_s_last"] = publish_s[-1]
+                    r["publish_s_median_last_10"] = statistics.median(publish_s[-10:])
+                    r["load_avg"] = os.getloadavg()
+                    partial = {"rows": rows, "code": code, "partial": v < args.versions,
+                               "publish_s": publish_s}  # fmt: skip
+                    (out / "registry_scale.json").write_text(json.dumps(partial, indent=2))
                     tqdm.write(f"{v} versions: resolve {r['many_resolve_s'] * 1e3:.0f} vs "
                                f"{r['one_resolve_s'] * 1e3:.0f} ms ({r['resolve_ratio']:.2f}x), "
                                f"pull {r['many_pull_s'] * 1e3:.0f} vs {r['one_pull_s'] * 1e3:.0f}"
                                f" ms ({r['pull_ratio']:.2f}x), publish "
-                               f"{publish_s[-1]:.2f} s")  # fmt: skip
+                               f"{r['publish_s_median_last_10']:.2f} s (median of last 10)"
+                               )  # fmt: skip
                     write_markdown(rows, out / "registry_scale.md")
     last = rows[-1]
     result = {
@@ -260,6 +291,7 @@ def main(args: argparse.Namespace) -> dict:
         "pull_ratio": last["pull_ratio"],
         "publish_s_median_first_10": statistics.median(publish_s[:10]),
         "publish_s_median_last_10": statistics.median(publish_s[-10:]),
+        "publish_s": publish_s,
         "setup": "mlflow server --workers 1 (sqlite) + moto S3 on 127.0.0.1",
         "code": code,
         "repeats": args.repeats,

@@ -28,6 +28,16 @@ CHUNK = 1 << 20
 ATTEMPTS, BACKOFF_S = 3, (0.5, 2.0)
 DIRECT_MIN_BYTES = 1 << 20  # smaller files come through the server's proxy (one request)
 _DIRECT_OK: dict[str, bool] = {}  # server host -> offers presigned downloads
+_SESSION = None  # one keep-alive session for presigned GETs (no TCP set-up per file)
+
+
+def _session():
+    global _SESSION
+    if _SESSION is None:
+        import requests
+
+        _SESSION = requests.Session()
+    return _SESSION
 
 
 def _repo(artifact_dir: str, tracking_uri: str | None, registry_uri: str | None):
@@ -44,7 +54,6 @@ def _direct(repo, name: str, max_bytes: int):
     (bucket -> server, whole, then server -> client); MLflow's own download of large files
     takes this route too (``MlflowArtifactsRepository._download_file``), whose private
     helpers are reused because MLflow has no public streamed variant."""
-    import requests
     from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 
     if max_bytes < DIRECT_MIN_BYTES or not isinstance(repo, MlflowArtifactsRepository):
@@ -59,7 +68,7 @@ def _direct(repo, name: str, max_bytes: int):
         return None
     try:
         signed = repo._get_presigned_download_url(name)
-        resp = requests.get(
+        resp = _session().get(
             signed.url, headers={**(signed.headers or {}), "Range": f"bytes=0-{max_bytes}"},
             stream=True, timeout=60,
         )  # fmt: skip
@@ -151,11 +160,14 @@ def fetch(
     label: str = "",
     progress: Progress | None = None,
     attempts: int = ATTEMPTS,
+    durable: bool = True,
 ) -> Path:
     """Stream ``artifact_uri`` to ``dst`` (0600), at most ``max_bytes``; check length/sha256.
 
     LimitError past the cap, IntegrityError on a wrong length or hash (``dst`` removed),
     UnavailableError after ``attempts`` tries on transport errors (1: a probe that may miss).
+    ``durable=False`` skips the fsync: for temp files and caches whose every read re-checks
+    the signed hash (a torn file after a crash is refused and fetched again).
     """
     directory, name = artifact_uri.rstrip("/").rsplit("/", 1)
     what = label or name
@@ -171,6 +183,7 @@ def fetch(
                 what,
                 progress,
                 attempts == 1,
+                durable,
             )
         except RegistryError:
             raise
@@ -186,7 +199,9 @@ def fetch(
     raise AssertionError("unreachable")
 
 
-def _fetch_once(repo, name, dst, max_bytes, expect_sha256, expect_length, what, progress, probe):
+def _fetch_once(
+    repo, name, dst, max_bytes, expect_sha256, expect_length, what, progress, probe, durable
+):
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     digest, done = hashlib.sha256(), 0
@@ -205,7 +220,8 @@ def _fetch_once(repo, name, dst, max_bytes, expect_sha256, expect_length, what, 
                 if progress:
                     progress(what, done, expect_length)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         if expect_length is not None and done != expect_length:
             raise IntegrityError(
                 f"{what} is {done} bytes, the signed length is {expect_length}: tampered or "

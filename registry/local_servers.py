@@ -138,6 +138,7 @@ def mlflow_server(
         proc = subprocess.Popen(
             cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+    _LIVE.add(proc)
     try:
         url = f"http://127.0.0.1:{port}"
         try:
@@ -148,6 +149,18 @@ def mlflow_server(
         yield MlflowServer(url, destination, log)
     finally:
         stop_process_group(proc)
+        _LIVE.discard(proc)
+
+
+_LIVE: set[subprocess.Popen] = set()  # mlflow servers started here and not yet stopped
+
+
+def stop_all_servers(*, grace_s: float = 5.0) -> None:
+    """Stop the process group of every :func:`mlflow_server` still running: for a signal
+    handler, where unwinding the ``with`` blocks from an arbitrary point can deadlock."""
+    for proc in list(_LIVE):
+        stop_process_group(proc, grace_s=grace_s)
+        _LIVE.discard(proc)
 
 
 def stop_process_group(

@@ -78,7 +78,27 @@ class MlflowStore:
                 self._experiment_id = exp.experiment_id
         return self._experiment_id
 
+    def _set_version_tags(self, name: str, version: str, tags: dict) -> None:
+        """Model version tags, sent concurrently through the registry client: MlflowClient's
+        own ``set_model_version_tag`` asks for the registered model first on every call (its
+        prompt check), which doubled a publish's requests; the tags are hints, never trust."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        registry = self.client._get_registry_client()
+        if len(tags) <= 1:
+            for k, v in tags.items():
+                registry.set_model_version_tag(name, version, k, v)
+            return
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for f in [pool.submit(registry.set_model_version_tag, name, version, k, v)
+                      for k, v in tags.items()]:  # fmt: skip
+                f.result()
+
     def _ensure_registered_model(self, name: str, description: str) -> None:
+        known = self.__dict__.setdefault("_known_models", set())
+        if name in known:
+            return
+        known.add(name)
         try:
             self.client.get_registered_model(name)
         except MlflowException:
@@ -145,9 +165,8 @@ class MlflowStore:
         return Path(got)
 
     def _register(self, name: str, run_id: str, source: str, tags: dict) -> object:
-        for mv in self._versions(name):
-            if mv.run_id == run_id:
-                return mv
+        for mv in self.client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+            return mv  # registered by an earlier try of this publication
         # MLflow's own wait logs an INFO line per version; wait here instead, quietly.
         mv = self.client.create_model_version(
             name, source, run_id=run_id, tags={**tags, R.STATUS: R.PENDING}, await_creation_for=0
@@ -161,5 +180,5 @@ class MlflowStore:
         return mv
 
     def _mark_ready(self, name: str, mv, run_id: str) -> None:
-        self.client.set_model_version_tag(name, str(mv.version), R.STATUS, R.READY)
+        self._set_version_tags(name, str(mv.version), {R.STATUS: R.READY})
         self.client.set_tag(run_id, R.STATUS, R.READY)

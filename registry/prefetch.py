@@ -33,7 +33,7 @@ class KeyPrefetch:
         try:
             run_io.fetch_file(
                 store, self.run_id, self.path, self.dst, max_bytes=cap, attempts=1,
-                label="prefetched key",
+                label="prefetched key", durable=False,
             )  # fmt: skip
         except Exception:  # noqa: BLE001 - a failed prefetch only means the usual fetch
             return False

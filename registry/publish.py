@@ -111,17 +111,18 @@ class KeyPublishing:
             canonical_safetensors(encode_key(key)),
             *([canonical_safetensors(token_bytes)] if token_bytes else []),
         )
-        existing = {kv.version: kv for kv in self.history(with_aliases=False)}
-        if version is not None and version in existing:
-            kv = existing[version]
+        # One lookup per number (not a listing of every version: publish stays O(1)).
+        kv = self._ready_key_version(version) if version is not None else None
+        if kv is not None:
             if self.client.get_run(kv.run_id).data.tags.get(R.IDEMPOTENCY) != idem:
                 raise VersionConflictError(
                     f"key version {version} of {self.key_name!r} is already published with other "
-                    f"content; versions are immutable, publish version {max(existing) + 1}"
+                    "content; versions are immutable, publish without a fixed version (or the "
+                    "next free number)"
                 )
             self._signed_aliases(owner, kv.version, aliases)
             return self.resolve(version)
-        if parent is not None and parent not in existing:
+        if parent is not None and self._ready_key_version(parent) is None:
             raise NotFoundError(
                 f"parent key version {parent} is not published in {self.key_name!r}"
             )
@@ -176,13 +177,12 @@ class KeyPublishing:
             R.OWNER_COPY: "sealed" if OWNER_RECIPIENT_ID in sealed.site_ids() else "none",
             R.OWNER_KEY: sealed.owner,
         }
-        for k, v in tags.items():
-            if mv.tags.get(k) != v:
-                self.client.set_model_version_tag(self.key_name, str(number), k, v)
+        changed = {k: v for k, v in tags.items() if mv.tags.get(k) != v}
+        self._set_version_tags(self.key_name, str(number), changed)
         passed = gate if gate is not None else (metrics or {}).get("gate_passed", 1.0) != 0.0
         targets = {
             "_type": "targets",
-            "spec": 1,
+            "spec": 1,  # the targets format is unchanged since spec 1
             "model": self.model_name,
             "key_version": number,
             "parent": parent,
@@ -214,6 +214,13 @@ class KeyPublishing:
         self._signed_aliases(owner, number, aliases, entry={str(number): entry})
         return self.resolve(number)
 
+    def _ready_key_version(self, version: int):
+        """The ready KeyVersion numbered ``version``, or None (one request)."""
+        try:
+            return self._by_number(int(version), explain=False)
+        except NotFoundError:
+            return None
+
     def _base_entries(self, owner, base: BaseVersion) -> dict:
         """Signed-file entries of the base: from this process's publish_base, an earlier
         owner-signed targets record, or (last resort) the stored base checked by its sha."""
@@ -223,7 +230,7 @@ class KeyPublishing:
         try:
             root, _ = release.current_root(self, owner)
             _, ts, _, _ = trust_io.newest_timestamp(self, root)
-            for v in sorted(ts.versions, key=int, reverse=True):
+            for v in sorted(ts.heads, key=int, reverse=True):  # any signed version will do
                 tg = trust_io.read_targets(self, ts, root, int(v))
                 if tg.base_sha256 == base.base_sha256:
                     return {n: tg.files[n].model_dump() for n in (BASE_FILE, MODEL_CARD_FILE)}

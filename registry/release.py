@@ -3,8 +3,11 @@
 Every write here needs the owner's Ed25519 signing key; a registry writer without it can
 only produce records that sites refuse. The owner re-derives the timestamp from what it
 signed before (the newest verified timestamp in the registry, and a local copy in its
-keyring folder, whichever has the higher counter) plus the ready versions whose targets it
-can verify: versions never drop out of the signed list, so hiding them in MLflow is useless.
+keyring folder, whichever has the higher counter) plus the new versions: they are appended
+to the newest snapshot shard (see registry.trust), so a publish costs the same at 1 or 10,000
+versions. Versions never drop out of the signed chain, so hiding them in MLflow is useless;
+ready versions a crashed publish left unlisted are picked up by the next publish (the numbers
+it skipped) or by ``adaloc registry sign-timestamp`` (all of them).
 """
 
 from __future__ import annotations
@@ -40,8 +43,19 @@ def _upload(reg, run_id: str, folder: str, name: str, data: bytes) -> None:
         reg.client.log_artifact(run_id, str(path), folder)
 
 
-def trust_run(reg) -> str:
-    """The owner's trust run (the oldest one holding a root it can verify), created if none."""
+def trust_run(reg, owner=None) -> str:
+    """The owner's trust run: the one its last signed timestamp names (it never moves), else
+    the oldest one holding root v1, created if none."""
+    local = read_json(Path(owner.directory) / LOCAL_TIMESTAMP) if owner is not None else None
+    signed = local.get("signed") if isinstance(local, dict) else None
+    named = signed.get("trust_run") if isinstance(signed, dict) else None
+    if isinstance(named, str) and signed.get("model") == reg.model_name:
+        try:
+            if IO.root_file(1) in IO._listed(reg, named):
+                IO.artifact_uri(reg, named)
+                return named
+        except Exception:  # noqa: BLE001 - gone or not ours: look for it as below
+            pass
     for run in IO.trust_runs(reg):
         if IO.root_file(1) in IO._listed(reg, run.info.run_id):
             return run.info.run_id
@@ -66,7 +80,7 @@ def current_root(reg, owner) -> tuple[T.RootSigned, str]:
 def _current_root(reg, owner) -> tuple[T.RootSigned, str]:
     key = signing_key(owner)
     anchor = T.anchor_root(reg.model_name, owner.owner_public_pem)
-    run_id = trust_run(reg)
+    run_id = trust_run(reg, owner)
     if IO.root_file(1) not in IO._listed(reg, run_id):
         env = T.sign(T.make_root(reg.model_name, [key]), [key])
         _upload(reg, run_id, IO.TRUST_DIR, "root-1.json", T.canonical(env))
@@ -103,18 +117,23 @@ def _pem(key) -> bytes:
     return public_pem_of(key)
 
 
-def _previous(reg, owner, root: T.RootSigned):
-    """The newest timestamp the owner signed: registry's or its local copy (higher counter)."""
+def _previous(reg, owner, root: T.RootSigned, run_id: str | None = None):
+    """The newest timestamp the owner signed: registry's or its local copy (higher counter).
+
+    A spec-1 timestamp (every version listed) is read too, as a ``T.TimestampV1``: the
+    owner migrates it into snapshot shards on the next signing."""
     best = None
-    try:
-        env, ts, _, _ = IO.newest_timestamp(reg, root)
+    try:  # the owner's trust run first: one request when its timestamp is the newest
+        hint = (run_id,) if run_id else ()
+        env, ts, _, _ = IO.newest_timestamp(reg, root, legacy=True, hint=hint)
         best = (env, ts)
     except (NotFoundError, TrustError):
         best = None  # absent, expired or forged in the registry: fall back to the local copy
     local = read_json(Path(owner.directory) / LOCAL_TIMESTAMP)
-    if local is not None:
+    if isinstance(local, dict) and isinstance(local.get("signed"), dict):
+        role = "timestamp" if local["signed"].get("spec") == T.TIMESTAMP_SPEC else "timestamp-v1"
         try:
-            ts = T.verify(local, "timestamp", T.root_keys(root), 1, "owner's local timestamp")
+            ts = T.verify(local, role, T.root_keys(root), 1, "owner's local timestamp")
             if ts.model == reg.model_name and (best is None or ts.counter > best[1].counter):
                 best = (local, ts)
         except TrustError:
@@ -123,14 +142,15 @@ def _previous(reg, owner, root: T.RootSigned):
 
 
 def publish_targets(reg, owner, *, run_id: str, signed: dict) -> dict:
-    """Sign a targets record, store it as ``key/targets.json`` of ``run_id``; return entry."""
+    """Sign a targets record, store it as ``key/targets.json`` of ``run_id``; return its
+    entry (run, length, sha256) with the envelope as ``record`` (a timestamp head)."""
     env = T.sign(signed, [signing_key(owner)])
     data = T.canonical(env)
     _upload(reg, run_id, R.KEY_DIR, IO.TARGETS_FILE, data)
     got = IO.read_artifact(reg, run_id, f"{R.KEY_DIR}/{IO.TARGETS_FILE}", max_bytes=len(data))
     if got != data:
         raise RegistryError(f"stored targets record of run {run_id} differs from what was sent")
-    return {"run_id": run_id, "length": len(data), "sha256": _sha(data)}
+    return {"run_id": run_id, "length": len(data), "sha256": _sha(data), "record": env}
 
 
 def _sha(data: bytes) -> str:
@@ -139,27 +159,136 @@ def _sha(data: bytes) -> str:
     return sha256_bytes(data)
 
 
-def _ready_targets(reg, root: T.RootSigned, known: dict) -> dict:
-    """Targets entries of ready key versions not yet in ``known`` that the owner signed."""
+def _signed_targets(reg, root: T.RootSigned, version: int, run_id: str):
+    """(entry, envelope) of a stored targets record the owner signed for ``version``, or None."""
+    try:
+        data = IO.read_artifact(reg, run_id, f"{R.KEY_DIR}/{IO.TARGETS_FILE}", max_bytes=1 << 20)
+        what = f"targets record of key version {version}"
+        env = T.parse(data, "targets", what)
+        tg = T.verify(env, "targets", T.root_keys(root), 1, what)
+    except (RegistryError, Exception):  # noqa: BLE001 - unsigned/forged versions are skipped
+        return None
+    if tg.model != reg.model_name or tg.key_version != version:
+        return None
+    return {"run_id": run_id, "length": len(data), "sha256": _sha(data)}, env
+
+
+def _ready_targets(reg, root: T.RootSigned, known, *, after: int | None = None, upto=None):
+    """Targets entries of ready key versions not in ``known`` (a predicate) that the owner
+    signed. ``after``/``upto`` bound the search to the numbers in between, asked one by one
+    (a publish: the gap a crashed publication left, usually empty); else every version is
+    listed (``adaloc registry sign-timestamp``: a recovery, O(versions))."""
     found = {}
-    for kv in reg.history(with_aliases=False):
-        if str(kv.version) in known or str(kv.version) in found:
+    if after is not None and upto is not None and upto - after <= GAP_SCAN:
+        mvs = []
+        for v in range(after + 1, upto):
+            try:
+                mvs.append(reg.client.get_model_version(reg.key_name, str(v)))
+            except Exception:  # noqa: BLE001 - a missing number is simply not ready
+                continue
+        ready = [mv for mv in mvs if mv.tags.get(R.STATUS) == R.READY]
+        candidates = [(int(mv.version), mv.run_id) for mv in ready]
+    else:
+        candidates = [(kv.version, kv.run_id) for kv in reg.history(with_aliases=False)]
+    for version, run_id in candidates:
+        if known(version) or str(version) in found:
             continue
-        try:
-            data = IO.read_artifact(
-                reg, kv.run_id, f"{R.KEY_DIR}/{IO.TARGETS_FILE}", max_bytes=1 << 20
-            )
-            what = f"targets record of key version {kv.version}"
-            tg = T.verify(T.parse(data, "targets", what), "targets", T.root_keys(root), 1, what)
-        except (RegistryError, Exception):  # noqa: BLE001 - unsigned/forged versions are skipped
-            continue
-        if tg.model == reg.model_name and tg.key_version == kv.version:
-            found[str(kv.version)] = {
-                "run_id": kv.run_id,
-                "length": len(data),
-                "sha256": _sha(data),
-            }
+        got = _signed_targets(reg, root, version, run_id)
+        if got is not None:
+            found[str(version)] = {**got[0], "record": got[1]}
     return found
+
+
+GAP_SCAN = 64  # a publish asks for at most this many skipped numbers one by one
+
+
+def _upload_shard(reg, run_id: str, shard: dict) -> dict:
+    """Store a snapshot shard under its sha256 in the trust run; return its pointer."""
+    data = T.canonical(shard)
+    sha = _sha(data)
+    path = f"{IO.SNAPSHOT_DIR}/{sha}.json"
+    _upload(reg, run_id, IO.SNAPSHOT_DIR, f"{sha}.json", data)
+    pointer = T.ShardPointer(run_id=run_id, path=path, length=len(data), sha256=sha)
+    IO._shards(reg)[sha] = T.parse_shard(data, pointer, reg.model_name, "snapshot shard")
+    return pointer.model_dump()
+
+
+def _append(reg, run_id: str, prev, new: dict) -> tuple[dict | None, int]:
+    """(pointer, count) of the snapshot chain of ``prev`` plus the ``new`` entries.
+
+    Only the newest shard is rewritten (<= SHARD_SIZE entries); a full one starts a new shard
+    that names it. A spec-1 ``prev`` is migrated: its whole list becomes the first shards."""
+    if isinstance(prev, T.TimestampV1):
+        pointer, count, head = None, 0, None
+        new = {**{k: v.model_dump() for k, v in prev.versions.items()}, **new}
+    else:
+        pointer = prev.snapshot.model_dump() if prev and prev.snapshot else None
+        count = prev.count if prev else 0
+        head = IO.read_shard(reg, prev.snapshot, reg.model_name) if pointer else None
+    todo = sorted(new.items(), key=lambda kv: int(kv[0]))
+    while todo:
+        if head is not None and len(head.versions) < T.SHARD_SIZE:
+            room = T.SHARD_SIZE - len(head.versions)
+            chunk, todo = todo[:room], todo[room:]
+            versions = {k: v.model_dump() for k, v in head.versions.items()} | dict(chunk)
+            base_prev = head.prev.model_dump() if head.prev else None
+            shard_no = head.shard
+        else:
+            chunk, todo = todo[: T.SHARD_SIZE], todo[T.SHARD_SIZE :]
+            versions, base_prev = dict(chunk), pointer
+            shard_no = head.shard + 1 if head is not None else 0
+        count += len(chunk)
+        signed = {
+            "_type": "snapshot",
+            "spec": T.SPEC_VERSION,
+            "model": reg.model_name,
+            "shard": shard_no,
+            "count": count,
+            "versions": {k: _entry_only(v) for k, v in versions.items()},
+            "prev": base_prev,
+        }
+        pointer = _upload_shard(reg, run_id, signed)
+        head = IO._shards(reg)[pointer["sha256"]]
+    return pointer, count
+
+
+def _entry_only(entry: dict) -> dict:
+    return {k: entry[k] for k in ("run_id", "length", "sha256")}
+
+
+def _head(reg, root: T.RootSigned, version: int, prev, fresh: dict) -> dict:
+    """The timestamp's head entry of ``version``: targets pointer + the record itself."""
+    e = fresh.get(str(version))
+    if e is not None and "record" in e:
+        return e
+    if prev is not None and not isinstance(prev, T.TimestampV1) and str(version) in prev.heads:
+        return prev.heads[str(version)].model_dump()
+    if e is None:
+        e = _lookup(reg, prev, version)
+    if e is None:
+        raise NotFoundError(
+            f"key version {version} of {reg.model_name!r} has no owner-signed targets record"
+        )
+    e = _entry_only(e)
+    what = f"targets record of key version {version}"
+    data = IO.read_artifact(
+        reg, e["run_id"], f"{R.KEY_DIR}/{IO.TARGETS_FILE}", max_bytes=e["length"],
+        sha256=e["sha256"], length=e["length"], label=what,
+    )  # fmt: skip
+    env = T.parse(data, "targets", what)
+    T.verify(env, "targets", T.root_keys(root), 1, what)
+    return {**e, "record": env}
+
+
+def _lookup(reg, prev, version: int) -> dict | None:
+    """The entry ``prev`` signed for ``version`` (heads, then shards), as a dict, or None."""
+    if prev is None:
+        return None
+    if isinstance(prev, T.TimestampV1):
+        got = prev.versions.get(str(version))
+    else:
+        got = IO.version_entry(reg, prev, version)  # > latest: no shard is read
+    return None if got is None else _entry_only(got.model_dump())
 
 
 def sign_timestamp(
@@ -170,34 +299,62 @@ def sign_timestamp(
     aliases: dict[str, int] | None = None,
     expires: timedelta = T.DEFAULT_TIMESTAMP_EXPIRY,
     extra_versions: dict | None = None,
-    carry: T.TimestampSigned | None = None,
+    carry=None,
+    scan: bool = True,
+    rebuild: bool = False,
 ) -> T.TimestampSigned:
-    """Sign and store a new timestamp: previous versions + new ready ones, counter + 1.
+    """Sign and store a new timestamp: previous versions + new ones, counter + 1.
 
+    ``extra_versions`` (number -> targets entry, optionally with its ``record`` envelope) are
+    appended to the snapshot chain unless already listed. ``scan``: also add ready versions
+    the owner signed but no timestamp lists (a crashed publish): all of them when no new
+    version is given (the CLI's re-sign), else only the numbers skipped since ``latest``.
+    Cost per call is independent of the number of versions except for a full scan.
     ``carry`` (after a root rotation) is the last timestamp signed under the old root: its
-    counter, aliases and promotion carry over when no timestamp verifies under the new one.
+    counter, aliases and promotion carry over; ``rebuild`` lists only ``extra_versions``
+    (rotation re-signs every targets record, so the chain is rebuilt from them).
     """
     root, run_id = current_root(reg, owner)
+    extra = dict(extra_versions or {})
     for _ in range(PUBLISH_ROUNDS):
-        prev = _previous(reg, owner, root)
-        if prev is None and carry is not None:
-            prev = (None, carry)
-        versions = {k: v.model_dump() for k, v in (prev[1].versions if prev else {}).items()}
-        versions.update(extra_versions or {})
-        versions.update(_ready_targets(reg, root, versions))
-        counter = max((prev[1].counter + 1) if prev else 1, int(time.time()))
+        prev = _previous(reg, owner, root, run_id)
+        prev_ts = prev[1] if prev else carry
+        chain_of = None if rebuild else prev_ts
+        new = {v: e for v, e in extra.items() if rebuild or _lookup(reg, chain_of, int(v)) is None}
+        if scan and not rebuild:
+            latest = _latest(chain_of)
+            numbers = [int(v) for v in extra]
+            bound = {"after": latest or 0, "upto": max(numbers)} if numbers else {}
+
+            def listed(v, chain_of=chain_of, new=new):
+                return str(v) in new or _lookup(reg, chain_of, v) is not None
+
+            new.update(_ready_targets(reg, root, listed, **bound))
+        pointer, count = _append(reg, run_id, chain_of, new)
+        latest = max([int(v) for v in new] + ([_latest(chain_of)] if _latest(chain_of) else []),
+                     default=None)  # fmt: skip
+        all_aliases = {**(prev_ts.aliases if prev_ts else {}), **(aliases or {})}
+        promo = promotion if promotion is not None else (prev_ts.promotion if prev_ts else None)
+        wanted = set(all_aliases.values()) | ({latest} if latest else set())
+        if promo is not None:
+            wanted.add(int(promo["signed"]["key_version"]))
+        head_src = None if rebuild else chain_of
+        heads = {str(v): _head(reg, root, v, head_src, {**extra, **new}) for v in sorted(wanted)}
+        counter = max((prev_ts.counter + 1) if prev_ts else 1, int(time.time()))
         signed = {
             "_type": "timestamp",
-            "spec": T.SPEC_VERSION,
+            "spec": T.TIMESTAMP_SPEC,
             "model": reg.model_name,
             "counter": counter,
             "expires": T.iso(T.now() + expires),
             "root_version": root.version,
-            "versions": versions,
-            "aliases": {**(prev[1].aliases if prev else {}), **(aliases or {})},
-            "promotion": promotion
-            if promotion is not None
-            else (prev[1].promotion if prev else None),
+            "trust_run": run_id,
+            "count": count,
+            "latest": latest,
+            "snapshot": pointer,
+            "heads": heads,
+            "aliases": all_aliases,
+            "promotion": promo,
         }
         env = T.sign(signed, [signing_key(owner)])
         data = T.canonical(env)
@@ -207,7 +364,7 @@ def sign_timestamp(
         # read back, and sign again until the stored record holds everything we know of.
         back = IO.read_artifact(
             reg, run_id, f"{IO.TRUST_DIR}/{IO.TIMESTAMP_FILE}", max_bytes=T.MAX_TIMESTAMP_BYTES
-        )
+        )  # (this is also the next publish's read of it: kept in the local copy below)
         stored = T.verify(
             T.parse(back, "timestamp", "timestamp record"),
             "timestamp",
@@ -215,12 +372,21 @@ def sign_timestamp(
             root.threshold,
             "timestamp record",
         )
-        if set(versions) <= set(stored.versions):
+        if all(IO.version_entry(reg, stored, int(v)) is not None for v in new):
             return stored
+        rebuild = False  # a concurrent writer's chain is the base of the next round
     raise RegistryError(
         f"timestamp of {reg.model_name!r} kept losing versions to concurrent writers after "
         f"{PUBLISH_ROUNDS} rounds; run `adaloc registry sign-timestamp` again"
     )
+
+
+def _latest(ts) -> int | None:
+    if ts is None:
+        return None
+    if isinstance(ts, T.TimestampV1):
+        return max((int(v) for v in ts.versions), default=None)
+    return ts.latest
 
 
 def promote(
@@ -239,12 +405,15 @@ def promote(
     The promotion goes into the next timestamp together with ``extra_versions`` and
     ``aliases`` (publish + promote is one signed step).
     """
-    root, _ = current_root(reg, owner)
+    root, run_id = current_root(reg, owner)
     entry = (extra_versions or {}).get(str(version))
     if entry is None:
-        prev = _previous(reg, owner, root)
-        listed = {k: v.model_dump() for k, v in (prev[1].versions if prev else {}).items()}
-        entry = listed.get(str(version)) or _ready_targets(reg, root, listed).get(str(version))
+        prev = _previous(reg, owner, root, run_id)
+        entry = _lookup(reg, prev[1] if prev else None, version)
+        if entry is None:
+            kv = reg.resolve(version, with_metrics=False)
+            got = _signed_targets(reg, root, version, kv.run_id)
+            entry = got[0] if got else None
     if entry is None:
         raise NotFoundError(
             f"key version {version} of {reg.model_name!r} has no owner-signed targets record; "
@@ -260,7 +429,9 @@ def promote(
         length=entry["length"],
         label=what,
     )
-    tg = T.verify(T.parse(data, "targets", what), "targets", T.root_keys(root), 1, what)
+    tg_env = T.parse(data, "targets", what)
+    tg = T.verify(tg_env, "targets", T.root_keys(root), 1, what)
+    entry = {**_entry_only(entry), "record": tg_env}
     if not tg.gate.passed and not gate_override:
         raise TrustError(
             f"key version {version} failed the quality gate (signed verdict); pass "
@@ -323,27 +494,37 @@ def rotate_root(
     env = T.sign(signed, [old_key, new_key])
     new_root = T.next_root(root, env, f"root record v{root.version + 1}")
     reg.__dict__.pop("_roots", None)  # the cached chain ends one root too early now
-    prev = _previous(reg, old_owner, root)
+    prev = _previous(reg, old_owner, root, run_id)
     _upload(reg, run_id, IO.TRUST_DIR, f"root-{new_root.version}.json", T.canonical(env))
     versions, carry, promotion = {}, None, None
     if prev:
         carry = prev[1]
-        for v, entry in prev[1].versions.items():
-            tg_env = _targets_env(reg, prev[1], root, int(v))
+        listed = (
+            prev[1].versions if isinstance(prev[1], T.TimestampV1) else IO.all_entries(reg, prev[1])
+        )
+        for v, entry in listed.items():
+            tg_env = _targets_env(reg, entry, root, int(v))
             versions[v] = publish_targets(
                 reg, new_owner, run_id=entry.run_id, signed=tg_env["signed"]
             )
         if prev[1].promotion is not None:
             # Re-issued under the new key; a 2-key promotion must be co-signed again (promote).
             promotion = T.sign(prev[1].promotion["signed"], [new_key])
-    sign_timestamp(reg, new_owner, extra_versions=versions, carry=carry, promotion=promotion)
+    sign_timestamp(
+        reg, new_owner, extra_versions=versions, carry=carry, promotion=promotion, rebuild=True
+    )
     return new_root
 
 
-def _targets_env(reg, ts, root, version: int) -> dict:
-    IO.read_targets(reg, ts, root, version)  # verified before it is re-signed
-    entry = ts.versions[str(version)]
+def _targets_env(reg, entry, root, version: int) -> dict:
+    """The envelope of a listed targets record, hash-checked and verified before re-signing."""
+    what = f"targets record of key version {version}"
     data = IO.read_artifact(
-        reg, entry.run_id, f"{R.KEY_DIR}/{IO.TARGETS_FILE}", max_bytes=entry.length
-    )
-    return T.parse(data, "targets", f"targets record of key version {version}")
+        reg, entry.run_id, f"{R.KEY_DIR}/{IO.TARGETS_FILE}", max_bytes=entry.length,
+        sha256=entry.sha256, length=entry.length, label=what,
+    )  # fmt: skip
+    env = T.parse(data, "targets", what)
+    tg = T.verify(env, "targets", T.root_keys(root), root.threshold, what)
+    if tg.key_version != version:
+        raise TrustError(f"{what} is signed for key version {tg.key_version}")
+    return env

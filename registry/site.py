@@ -173,6 +173,7 @@ class Site(SiteInstalled):
             reg = self.registry()
             got = IO.newest_timestamp(reg, trusted)
         RC.save_hints(self.directory, reg, got[3])
+        self._hint = (got[3],)  # a long-lived site takes the fast path from its next pull on
         return got
 
     def _online(self, what: str, call: Callable):
@@ -279,24 +280,35 @@ class Site(SiteInstalled):
         ts, root = self._signed_state(allow_rollback)
         reg = self.registry()
         version = IO.resolve_ref(ts, root, ref)
-        entry = ts.versions.get(str(version))
-        prefetch = entry and KeyPrefetch.start(
-            reg, self.directory / "cache" / "keys", version, entry.run_id, self.installed()
+        records = RC.RecordCache(self.directory / RC.RECORDS_DIR)
+        entry = self._online(
+            "read snapshot", lambda: IO.version_entry(reg, ts, version, cache=records)
+        )
+        # A head (latest / production / alias) carries its targets record in the timestamp:
+        # the key is the next and last request. Other versions: the key is prefetched while
+        # their targets record is read.
+        prefetch = (
+            entry is not None
+            and not isinstance(entry, T.HeadEntry)
+            and KeyPrefetch.start(
+                reg, self.directory / "cache" / "keys", version, entry.run_id, self.installed()
+            )
         )
         try:
             return self._pull_version(ref, allow_rollback, progress, ts, root, version,
-                                      seconds, t0, prefetch)  # fmt: skip
+                                      seconds, t0, prefetch, entry, records)  # fmt: skip
         finally:
             if prefetch:
                 prefetch.close()
 
     def _pull_version(
-        self, ref, allow_rollback, progress, ts, root, version, seconds, t0, prefetch
-    ) -> PullResult:
+        self, ref, allow_rollback, progress, ts, root, version, seconds, t0, prefetch, entry,
+        records,
+    ) -> PullResult:  # fmt: skip
         reg = self.registry()
-        records = RC.RecordCache(self.directory / RC.RECORDS_DIR)
         tg = self._online(
-            "read targets", lambda: IO.read_targets(reg, ts, root, version, cache=records)
+            "read targets",
+            lambda: IO.read_targets(reg, ts, root, version, cache=records, entry=entry),
         )
         if str(ref).strip() == "production":
             promo = IO.production(ts, root)
@@ -315,7 +327,6 @@ class Site(SiteInstalled):
                 f"key version {version} is older than installed version {state['version']}; "
                 "pass --allow-rollback to install it anyway"
             )
-        entry = ts.versions[str(version)]
         if state and state["version"] == version and state["targets_sha256"] == entry.sha256:
             try:
                 self.installed_set(verify=True)
@@ -340,7 +351,7 @@ class Site(SiteInstalled):
         keys_dir = self.directory / "cache" / "keys"
         blob = RC.RecordCache(keys_dir).get_file(f"v{version}.sealed", k.sha256, k.length)
         if blob is None and prefetch and (blob := prefetch.take(k)) is not None:
-            atomic_write_bytes(keys_dir / f"v{version}.sealed", blob)  # checked: signed sha256
+            RC._write(keys_dir / f"v{version}.sealed", blob)  # a cache, checked: signed sha256
         if blob is None:  # not cached (or damaged there): download, capped and hash-checked
             part = keys_dir / f".v{version}.sealed.download"
             self._online(
@@ -348,6 +359,7 @@ class Site(SiteInstalled):
                 lambda: run_io.fetch_file(
                     reg, k.run_id, k.path, part, max_bytes=k.length, expect_sha256=k.sha256,
                     expect_length=k.length, label=f"key v{version}", progress=progress,
+                    durable=False,  # a cache: re-hashed against the signed sha256 when read
                 ),
             )  # fmt: skip
             blob = part.read_bytes()
@@ -379,13 +391,13 @@ class Site(SiteInstalled):
             "previous": previous,
         }
         staging = F.new_set_dir(self.directory, version)
-        F.write_set_file(staging, KEY_FILE, parts["key"])
-        F.write_set_file(staging, MODEL_CARD_FILE, (base_dir / MODEL_CARD_FILE).read_bytes())
-        if "token" in parts:
-            F.write_set_file(staging, TOKEN_FILE, parts["token"])
-        F.write_set_file(
-            staging, F.STATE_FILE, (json.dumps(new_state, indent=2, sort_keys=True) + "\n").encode()
-        )
+        files = {
+            KEY_FILE: parts["key"],
+            MODEL_CARD_FILE: (base_dir / MODEL_CARD_FILE).read_bytes(),
+            **({TOKEN_FILE: parts["token"]} if "token" in parts else {}),
+            F.STATE_FILE: (json.dumps(new_state, indent=2, sort_keys=True) + "\n").encode(),
+        }
+        F.write_set_files(staging, files)
         F.switch_current(self.directory, staging)
         seconds["install"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0

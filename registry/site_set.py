@@ -180,7 +180,10 @@ class SiteInstalled:
                             "version": int(v),
                             "aliases": sorted(a for a, n in aliases.items() if n == int(v)),
                         }
-                        for v in sorted(ts.versions, key=int)
+                        for v in sorted(
+                            IO.all_entries(self.registry(), ts) if ts.snapshot else {},
+                            key=int,
+                        )
                     ],
                 }
                 atomic_write_json(cache, available)

@@ -182,9 +182,11 @@ class KeyRegistry(KeyPublishing, MlflowStore):
         """A ready key version by number (``3``, ``"3"``, ``"v3"``), ``"latest"`` or alias."""
         text = str(ref).strip()
         number = text[1:] if text[:1] in "vV" and text[1:].isdigit() else text
-        if number.isdigit() or text == "latest":
+        if number.isdigit():
+            kv = self._by_number(int(number))
+        elif text == "latest":
             versions = self.history(with_aliases=with_metrics)  # a site needs neither
-            kv = self._pick(text if text == "latest" else int(number), versions)
+            kv = self._pick("latest", versions)
         else:
             kv = self._by_alias(text)
         if with_metrics:
@@ -203,6 +205,29 @@ class KeyRegistry(KeyPublishing, MlflowStore):
             f"key version {ref} not found in {self.key_name!r} "
             f"(have {[kv.version for kv in versions]})"
         )
+
+    def _by_number(self, version: int, *, explain: bool = True) -> KeyVersion:
+        """One request: model version ``version``, refused unless it is ready (``explain``:
+        the error lists the ready versions, one listing on that path only)."""
+
+        def missing():
+            if explain:
+                return self._pick(version, self.history(with_aliases=False))  # raises
+            raise NotFoundError(f"key version {version} not found in {self.key_name!r}")
+
+        try:
+            mv = self.client.get_model_version(self.key_name, str(version))
+        except MlflowException as err:
+            if err.error_code not in _MISSING_CODES:
+                raise
+            return missing()
+        if mv.tags.get(R.STATUS) != R.READY:
+            return missing()
+        try:
+            return KeyVersion.from_model_version(mv, aliases=list(getattr(mv, "aliases", []) or []))
+        except (TypeError, ValueError) as err:
+            raise NotFoundError(f"key version {version} of {self.key_name!r} is not one "
+                                "this registry wrote") from err  # fmt: skip
 
     def _by_alias(self, alias: str) -> KeyVersion:
         """One request: the alias's model version, refused unless it is ready."""

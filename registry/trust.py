@@ -9,10 +9,23 @@ UTF-8), so a byte-identical record is re-derivable by anyone and verifiable by a
   accepted only when signed by ``threshold`` keys of root N *and* of itself.
 - targets (one per key version): every file a site installs with length + sha256, the base
   it needs and the quality gate's verdict.
-- timestamp (TUF's snapshot + timestamp merged, see docs/SECURITY.md): the signed list of
-  key versions with the length + sha256 of each targets record, a counter that only grows,
-  an expiry, the root version, the aliases, and the embedded promotion record.
+- timestamp (spec 2, small: its size does not grow with the number of versions): a counter
+  that only grows, an expiry, the root version, the aliases, the embedded promotion record,
+  the *heads* (the versions ``latest``, ``production`` and the aliases name, each with the
+  length + sha256 of its targets record **and** of the sealed key that record names, so a
+  site fetches both in one round), and a pointer (run, path, length, sha256) to the newest
+  snapshot shard.
+- snapshot shards (TUF's snapshot role, split): the full list of key versions with the
+  length + sha256 of each targets record, in append-only shards of at most ``SHARD_SIZE``
+  versions. Each shard names the previous one by length + sha256, and the timestamp names
+  the newest: a hash chain rooted in the signed timestamp, so shards need no signature of
+  their own, are immutable once full (content-addressed, cached by sha256) and a publish
+  rewrites one shard of <= ``SHARD_SIZE`` entries: O(1) in the number of versions.
 - promotion: "key version N is production", signed by ``promote_threshold`` root keys.
+
+Spec 1 timestamps (one record listing every version) are refused by sites with a one-line
+error; the owner's next publish or ``adaloc registry sign-timestamp`` migrates them (the
+version list is read from the old, verified record into shards).
 
 Pure functions over dicts and bytes: no MLflow, no files. The pydantic models check shape.
 """
@@ -33,12 +46,17 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from registry.errors import ExpiredError, TrustError
 from registry.sealing import key_fingerprint, public_pem_of
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # timestamp + snapshot shards; root/targets/promotion unchanged since 1
+TIMESTAMP_SPEC = 2
+SHARD_SIZE = 128  # versions per snapshot shard (the newest is rewritten per publish)
+MAX_SHARD_BYTES = 1 << 20
 DEFAULT_TIMESTAMP_EXPIRY = timedelta(days=7)
 DEFAULT_ROOT_EXPIRY = timedelta(days=365)
 # Ceilings before a signed length is known (a timestamp or root names no length for itself).
+# A spec-2 timestamp is small (heads <= 64); spec-1 ones read for migration may be larger.
 MAX_ROOT_BYTES = 256 * 1024
-MAX_TIMESTAMP_BYTES = 4 * 1024 * 1024
+MAX_TIMESTAMP_BYTES = 512 * 1024  # spec 2: < fetch.DIRECT_MIN_BYTES, one request
+MAX_TIMESTAMP_V1_BYTES = 4 * 1024 * 1024  # spec 1 (read by the owner to migrate it)
 MAX_ROOT_ROTATIONS = 64
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -46,6 +64,8 @@ Fingerprint = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
 RunId = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z_-]{1,64}$")]
 # Artifact paths a record may name: fixed folders, plain file names (no "..", no "/" games).
 ArtifactPath = Annotated[str, StringConstraints(pattern=r"^(base|key)/[A-Za-z0-9_.-]{1,64}$")]
+ShardPath = Annotated[str, StringConstraints(pattern=r"^trust/snapshots/[0-9a-f]{64}\.json$")]
+VersionKey = Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,8}$")]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -108,6 +128,35 @@ class VersionEntry(_Strict):
     sha256: Sha256
 
 
+class HeadEntry(VersionEntry):
+    """A version the timestamp names directly (latest, production, aliases): its targets
+    record's pointer and the record itself (an envelope whose canonical bytes must have that
+    length and sha256), so a site reads no targets file for them."""
+
+    record: dict
+
+
+class ShardPointer(_Strict):
+    """Where a snapshot shard is and what it must be (length + sha256)."""
+
+    run_id: RunId
+    path: ShardPath
+    length: int = Field(ge=1, le=MAX_SHARD_BYTES)
+    sha256: Sha256
+
+
+class SnapshotShard(_Strict):
+    """Up to SHARD_SIZE versions' targets pointers; ``prev`` chains to the older shard."""
+
+    type: Literal["snapshot"] = Field(alias="_type")
+    spec: int = SPEC_VERSION
+    model: str
+    shard: int = Field(ge=0)
+    count: int = Field(ge=1)  # versions in this shard and all older ones
+    versions: dict[VersionKey, VersionEntry] = Field(max_length=SHARD_SIZE)
+    prev: ShardPointer | None = None
+
+
 class PromotionSigned(_Strict):
     """Key version N is what ``production`` means."""
 
@@ -121,17 +170,35 @@ class PromotionSigned(_Strict):
 
 
 class TimestampSigned(_Strict):
-    """The current set of versions, with a counter that only grows and an expiry."""
+    """The current state: counter, expiry, heads, newest snapshot shard (spec 2)."""
 
     type: Literal["timestamp"] = Field(alias="_type")
-    spec: int = SPEC_VERSION
+    spec: Literal[2] = TIMESTAMP_SPEC
     model: str
     counter: int = Field(ge=1)
     expires: datetime
     root_version: int = Field(ge=1)
-    versions: dict[Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,8}$")], VersionEntry]
+    trust_run: RunId  # the run the owner writes its trust records to (a site's fast path)
+    count: int = Field(ge=0)  # versions in the snapshot chain
+    latest: int | None = Field(default=None, ge=1)
+    snapshot: ShardPointer | None = None
+    heads: dict[VersionKey, HeadEntry] = Field(default_factory=dict, max_length=64)
     aliases: dict[str, int] = Field(default_factory=dict)
     promotion: dict | None = None  # an envelope of PromotionSigned
+
+
+class TimestampV1(_Strict):
+    """A spec-1 timestamp (every version listed): read only by the owner, to migrate it."""
+
+    type: Literal["timestamp"] = Field(alias="_type")
+    spec: Literal[1] = 1
+    model: str
+    counter: int = Field(ge=1)
+    expires: datetime
+    root_version: int = Field(ge=1)
+    versions: dict[VersionKey, VersionEntry]
+    aliases: dict[str, int] = Field(default_factory=dict)
+    promotion: dict | None = None
 
 
 _MODELS = {
@@ -139,6 +206,8 @@ _MODELS = {
     "targets": TargetsSigned,
     "timestamp": TimestampSigned,
     "promotion": PromotionSigned,
+    "timestamp-v1": TimestampV1,
+    "snapshot": SnapshotShard,
 }
 
 
@@ -184,8 +253,14 @@ def parse(data: bytes, role: str, what: str) -> dict:
 
 
 def _shape(signed: dict, role: str, what: str):
-    if signed.get("_type") != role:
+    if signed.get("_type") != role.removesuffix("-v1"):
         raise TrustError(f"{what} is a {signed.get('_type')!r} record, expected {role!r}")
+    if role == "timestamp" and signed.get("spec") != TIMESTAMP_SPEC:
+        raise TrustError(
+            f"{what} has spec {signed.get('spec')!r}, this site reads spec {TIMESTAMP_SPEC} "
+            "(a small timestamp + snapshot shards): the registry was published by an older "
+            "adaloc; the owner migrates it with `adaloc registry sign-timestamp`"
+        )
     try:
         return _MODELS[role].model_validate(signed)
     except ValidationError as err:
@@ -219,6 +294,27 @@ def verify(env: dict, role: str, keys: dict[str, str], threshold: int, what: str
             f"the owner keys this site trusts ({', '.join(sorted(keys)) or 'none'})"
         )
     return record
+
+
+def parse_shard(data: bytes, pointer: ShardPointer, model: str, what: str) -> SnapshotShard:
+    """A snapshot shard from bytes already checked against ``pointer`` (length + sha256)."""
+    env = parse_plain(data, what)
+    shard = _shape(env, "snapshot", what)
+    check_model(shard, model, what)
+    if shard.prev is None and shard.count != len(shard.versions):
+        raise TrustError(f"{what} counts {shard.count} versions but holds {len(shard.versions)}")
+    return shard
+
+
+def parse_plain(data: bytes, what: str) -> dict:
+    """A JSON object from bytes (hash-pinned records carry no envelope)."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise TrustError(f"{what} is not JSON ({err})") from err
+    if not isinstance(obj, dict):
+        raise TrustError(f"{what} is not a JSON object")
+    return obj
 
 
 def check_expiry(record, what: str, at: datetime | None = None) -> None:

@@ -2,9 +2,12 @@
 
 Layout in the model's MLflow experiment (all plain artifacts; MLflow itself is untrusted):
   run tagged ``adaloc.kind = trust``:  trust/root-<N>.json   trust/timestamp.json
+                                       trust/snapshots/<sha256>.json (content-addressed)
   each key version's run:              key/targets.json (next to key/key.sealed)
 A reader looks at every run tagged as a trust run (an attacker may add more) and keeps the
 timestamp with the highest counter whose signatures hold; nothing it reads is used unverified.
+A version's targets pointer comes from the timestamp's heads, else from the snapshot shards
+(a hash chain from the timestamp; each shard is read once and cached by its sha256).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from adaloc.formats import sha256_bytes
 from registry import records as R
 from registry import run_io
 from registry import trust as T
@@ -22,6 +26,7 @@ from registry.fetch import ATTEMPTS
 TRUST_KIND = "trust"
 TRUST_DIR = "trust"
 TIMESTAMP_FILE = "timestamp.json"
+SNAPSHOT_DIR = f"{TRUST_DIR}/snapshots"
 TARGETS_FILE = "targets.json"
 MAX_TRUST_RUNS = 8  # a reader tries at most this many candidate trust runs
 
@@ -47,6 +52,7 @@ def read_artifact(
         got = run_io.fetch_file(
             store, run_id, path, Path(tmp) / Path(path).name, max_bytes=max_bytes,
             expect_sha256=sha256, expect_length=length, label=label or path, attempts=attempts,
+            durable=False,
         )  # fmt: skip
         return got.read_bytes()
 
@@ -90,28 +96,46 @@ def walk_roots(store, run_id: str, trusted: T.RootSigned, *, listed: set[str] | 
     return trusted
 
 
-def _probe_timestamp(store, run_id: str) -> bytes | None:
+def _cap(legacy: bool) -> int:
+    return T.MAX_TIMESTAMP_V1_BYTES if legacy else T.MAX_TIMESTAMP_BYTES
+
+
+def _probe_timestamp(store, run_id: str, legacy: bool = False) -> bytes | None:
     """The run's timestamp bytes in one try, or None (absent, or a transient error)."""
     try:
         return read_artifact(
-            store, run_id, f"{TRUST_DIR}/{TIMESTAMP_FILE}", max_bytes=T.MAX_TIMESTAMP_BYTES,
-            attempts=1,
-        )  # fmt: skip
+            store, run_id, f"{TRUST_DIR}/{TIMESTAMP_FILE}", max_bytes=_cap(legacy), attempts=1
+        )
     except RegistryError:
         return None
 
 
-def _candidate(store, run_id: str, trusted: T.RootSigned, listed: set[str], data: bytes | None):
-    """(env, ts, root, run_id) of one trust run's timestamp; None when it holds none."""
-    if f"{TRUST_DIR}/{TIMESTAMP_FILE}" not in listed:
-        return None
-    if data is None:  # listed, but the one-try probe failed: read it with the usual retries
-        data = read_artifact(
-            store, run_id, f"{TRUST_DIR}/{TIMESTAMP_FILE}", max_bytes=T.MAX_TIMESTAMP_BYTES
-        )
+def walk_to(store, run_id: str, trusted: T.RootSigned, version) -> T.RootSigned:
+    """Follow root v(N+1) .. v``version`` in ``run_id`` (the version a timestamp names, not yet
+    trusted: each step is verified, and the timestamp must then verify under the result)."""
+    if not isinstance(version, int) or version - trusted.version > T.MAX_ROOT_ROTATIONS:
+        return trusted  # nonsense or too far: the timestamp's own check refuses it
+    while trusted.version < version:
+        nxt = trusted.version + 1
+        data = read_artifact(store, run_id, root_file(nxt), max_bytes=T.MAX_ROOT_BYTES)
+        what = f"root record v{nxt}"
+        trusted = T.next_root(trusted, T.parse(data, "root", what), what)
+    return trusted
+
+
+def _candidate(store, run_id: str, trusted: T.RootSigned, data: bytes | None, legacy=False):
+    """(env, ts, root, run_id) of one trust run's timestamp; None when it holds none.
+
+    No listing on the usual path: the one-try probe read the timestamp; only when it failed
+    is the folder listed (absent: no candidate; present: read with the usual retries)."""
+    if data is None:
+        if f"{TRUST_DIR}/{TIMESTAMP_FILE}" not in _listed(store, run_id):
+            return None
+        data = read_artifact(store, run_id, f"{TRUST_DIR}/{TIMESTAMP_FILE}", max_bytes=_cap(legacy))
     env = T.parse(data, "timestamp", "timestamp record")
-    root = walk_roots(store, run_id, trusted, listed=listed)  # always to the newest root listed
-    ts = T.verify(env, "timestamp", T.root_keys(root), root.threshold, "timestamp record")
+    root = walk_to(store, run_id, trusted, env["signed"].get("root_version"))
+    role = "timestamp-v1" if legacy and env["signed"].get("spec") == 1 else "timestamp"
+    ts = T.verify(env, role, T.root_keys(root), root.threshold, "timestamp record")
     T.check_model(ts, trusted.model, "timestamp record")
     if ts.root_version != root.version:
         raise TrustError(
@@ -120,28 +144,43 @@ def _candidate(store, run_id: str, trusted: T.RootSigned, listed: set[str], data
     return env, ts, root, run_id
 
 
-def newest_timestamp(store, trusted: T.RootSigned, *, at=None, hint: tuple[str, ...] = ()):
+def newest_timestamp(
+    store, trusted: T.RootSigned, *, at=None, hint: tuple[str, ...] = (), legacy: bool = False
+):
     """(envelope, record, root, run_id) of the highest valid timestamp across trust runs.
 
-    Every run the trust-run search returns is a candidate (and only those); each one's listing
-    and timestamp are read together, and the runs in ``hint`` (where the last pull found it,
-    their artifact roots known) are read while the search runs: one round trip instead of
-    three. Roots are walked per candidate run to the newest one listed there. Raises the most
-    telling error when no candidate verifies (TrustError / ExpiredError / NotFound).
+    Every run the trust-run search returns is a candidate (and only those); each one's
+    timestamp is read, and the runs in ``hint`` (where the last pull found it, their artifact
+    roots known) are read while the search runs: one round trip. When the first hinted run
+    holds a valid timestamp that names that run as the owner's trust run, it is taken without
+    the search (the owner writes only there; see docs/SECURITY.md). Roots are walked per
+    candidate run to the root version its timestamp names (each step verified). Raises the
+    most telling error when no candidate verifies (TrustError / ExpiredError / NotFound).
     """
     best, errors = None, []
-    with ThreadPoolExecutor(max_workers=2 * MAX_TRUST_RUNS + 1) as pool:
+    known = run_io._uris(store)
+    if hint[:1] and hint[0] in known:
+        # Fast path: the hinted run's timestamp, when it verifies and is signed as the owner's
+        # trust run, is the one the owner writes (it never writes another run), so the
+        # search can only find replays or forgeries: one request instead of two rounds.
+        try:
+            data = _probe_timestamp(store, hint[0], legacy)
+            got = _candidate(store, hint[0], trusted, data, legacy)
+        except RegistryError:
+            got = None
+        if got is not None and getattr(got[1], "trust_run", None) == hint[0]:
+            return got
+    with ThreadPoolExecutor(max_workers=MAX_TRUST_RUNS + 1) as pool:
 
         def start(run_id: str):
-            return pool.submit(_listed, store, run_id), pool.submit(_probe_timestamp, store, run_id)
+            return pool.submit(_probe_timestamp, store, run_id, legacy)
 
-        known = run_io._uris(store)
         early = {r: start(r) for r in hint[:MAX_TRUST_RUNS] if r in known}
         runs = trust_runs(store)
         started = {r.info.run_id: early.get(r.info.run_id) or start(r.info.run_id) for r in runs}
-        for run_id, (listed, data) in started.items():
+        for run_id, data in started.items():
             try:
-                got = _candidate(store, run_id, trusted, listed.result(), data.result())
+                got = _candidate(store, run_id, trusted, data.result(), legacy)
             except RegistryError as err:
                 errors.append(err)
                 continue
@@ -157,21 +196,96 @@ def newest_timestamp(store, trusted: T.RootSigned, *, at=None, hint: tuple[str, 
     return best
 
 
-def read_targets(store, ts: T.TimestampSigned, root: T.RootSigned, version: int, *, cache=None):
-    """The verified targets record of ``version`` as listed (length + sha256) by ``ts``.
+def _shards(store) -> dict:
+    return store.__dict__.setdefault("_shards", {})
+
+
+def read_shard(store, pointer: T.ShardPointer, model: str, *, cache=None) -> T.SnapshotShard:
+    """A snapshot shard by its pointer: length + sha256 checked, then its shape and model.
+
+    Kept per store object, and in ``cache`` (a RecordCache, re-hashed on every hit)."""
+    memo = _shards(store)
+    if pointer.sha256 in memo:
+        return memo[pointer.sha256]
+    what = f"snapshot shard {pointer.sha256[:12]}"
+    data = cache.get(pointer.sha256, pointer.length) if cache is not None else None
+    if data is None:
+        data = read_artifact(
+            store, pointer.run_id, pointer.path, max_bytes=pointer.length,
+            sha256=pointer.sha256, length=pointer.length, label=what,
+        )  # fmt: skip
+    shard = T.parse_shard(data, pointer, model, what)
+    if cache is not None:
+        cache.put(pointer.sha256, data)
+    memo[pointer.sha256] = shard
+    return shard
+
+
+def iter_shards(store, ts: T.TimestampSigned, *, cache=None):
+    """The snapshot shards of ``ts``, newest first (each hash-checked; chain length-checked)."""
+    pointer, count, seen = ts.snapshot, ts.count, 0
+    while pointer is not None:
+        shard = read_shard(store, pointer, ts.model, cache=cache)
+        if shard.count != count:
+            raise TrustError(
+                f"snapshot shard {pointer.sha256[:12]} counts {shard.count} versions, "
+                f"expected {count}"
+            )
+        yield shard
+        count -= len(shard.versions)
+        seen += 1
+        if seen > ts.count + 1:
+            raise TrustError("snapshot shards form a loop")
+        pointer = shard.prev
+    if count != 0:
+        raise TrustError(f"snapshot shards end {count} versions short of the signed count")
+
+
+def version_entry(store, ts: T.TimestampSigned, version: int, *, cache=None):
+    """The signed targets pointer of ``version`` (a HeadEntry when the timestamp names it
+    directly, else from the snapshot shards), or None when it is not signed."""
+    head = ts.heads.get(str(version))
+    if head is not None:
+        return head
+    if ts.latest is None or version > ts.latest:
+        return None  # the signed latest is the highest version listed: no shard to read
+    for shard in iter_shards(store, ts, cache=cache):
+        if str(version) in shard.versions:
+            return shard.versions[str(version)]
+    return None
+
+
+def all_entries(store, ts: T.TimestampSigned, *, cache=None) -> dict[str, T.VersionEntry]:
+    """Every signed version's targets pointer (reads all shards: for listings, not pulls)."""
+    out: dict[str, T.VersionEntry] = {}
+    for shard in iter_shards(store, ts, cache=cache):
+        for v, e in shard.versions.items():
+            out.setdefault(v, e)
+    return out
+
+
+def read_targets(
+    store, ts: T.TimestampSigned, root: T.RootSigned, version: int, *, cache=None, entry=None
+):
+    """The verified targets record of ``version`` as pinned (length + sha256) by ``ts``.
 
     ``cache`` (a :class:`registry.record_cache.RecordCache`) holds records by their signed
     sha256: a hit is re-hashed and re-verified like a download, a miss is fetched and kept.
+    When the timestamp names the version as a head, the record must name the same sealed key.
     """
-    entry = ts.versions.get(str(version))
+    entry = entry or version_entry(store, ts, version, cache=cache)
     if entry is None:
-        have = sorted(int(v) for v in ts.versions)
         raise NotFoundError(
             f"key version {version} is not in the owner's signed list of {ts.model!r} "
-            f"(signed versions: {have}); tags or listings in MLflow do not count"
+            f"({ts.count} signed versions, latest {ts.latest}); tags or listings in MLflow do "
+            "not count"
         )
     what = f"targets record of key version {version}"
     data = cache.get(entry.sha256, entry.length) if cache is not None else None
+    if data is None and isinstance(entry, T.HeadEntry):
+        data = T.canonical(entry.record)  # embedded in the signed timestamp; pinned below
+        if len(data) != entry.length or sha256_bytes(data) != entry.sha256:
+            raise TrustError(f"{what} embedded in the timestamp does not match its sha256")
     if data is None:
         data = read_artifact(
             store,
@@ -188,7 +302,7 @@ def read_targets(store, ts: T.TimestampSigned, root: T.RootSigned, version: int,
     T.check_model(tg, ts.model, what)
     if tg.key_version != version:
         raise TrustError(f"{what} is signed for key version {tg.key_version}")
-    if cache is not None:
+    if cache is not None:  # (a head's record too: it outlives the timestamp naming it)
         cache.put(entry.sha256, data)
     return tg
 
@@ -197,13 +311,12 @@ def resolve_ref(ts: T.TimestampSigned, root: T.RootSigned, ref: int | str) -> in
     """A key version number from a ref, using only the signed timestamp (never MLflow)."""
     text = str(ref).strip()
     number = text[1:] if text[:1] in "vV" and text[1:].isdigit() else text
-    versions = sorted(int(v) for v in ts.versions)
     if number.isdigit():
         return int(number)
     if text == "latest":
-        if not versions:
+        if ts.latest is None:
             raise NotFoundError(f"the owner's signed list of {ts.model!r} has no key version yet")
-        return versions[-1]
+        return ts.latest
     if text == "production":
         return production(ts, root).key_version
     if text in ts.aliases:
@@ -234,7 +347,7 @@ def production(ts: T.TimestampSigned, root: T.RootSigned) -> T.PromotionSigned:
         "production promotion",
     )
     T.check_model(promo, ts.model, "production promotion")
-    if str(promo.key_version) not in ts.versions:
+    if str(promo.key_version) not in ts.heads:
         raise TrustError(
             f"production promotion names key version {promo.key_version}, "
             "which the signed list does not hold"

@@ -222,8 +222,16 @@ def test_foreign_token_and_targets_are_refused(world, tmp_path):
     with tampered(s3, _object(s3, reg, "key/key.sealed", v3.run_id), foreign_blob):
         refused(_copy(world, "fresh"), "3", "tampered")
     foreign_targets = _get(s3, _object(s3, oreg, "key/targets.json", okv.run_id))
+    # v3 is a head (latest, production): the timestamp carries its signed targets record, so
+    # the stored file is not read and the pull installs the owner's v3.
     with tampered(s3, _object(s3, reg, "key/targets.json", v3.run_id), foreign_targets):
-        refused(_copy(world, "fresh"), "3", "tampered")
+        got = _copy(world, "fresh").pull("3")
+        assert got.model_sha256 == world["locked"].model_sha256[3]
+    # v2 is listed only in the snapshot shards: its stored targets record is what a site
+    # reads, pinned by the shard's sha256, and a foreign one is refused.
+    v2 = reg.resolve(2)
+    with tampered(s3, _object(s3, reg, "key/targets.json", v2.run_id), foreign_targets):
+        refused(_copy(world, "fresh"), "2", "tampered")
     recovers(world, _copy(world, "fresh"))
 
 

@@ -178,7 +178,7 @@ def _signed_versions_complete(reg, owner) -> list[int]:
     from registry import trust_io as IO
 
     _, ts, root, _ = IO.newest_timestamp(reg, T.anchor_root(NAME, owner.owner_public_pem))
-    versions = sorted(int(v) for v in ts.versions)
+    versions = sorted(int(v) for v in IO.all_entries(reg, ts))
     for v in set(versions) - _VERIFIED:  # listed versions never change: check each once
         assert reg.verify(v, owner_public_pem=owner.owner_public_pem)["ok"]
         _VERIFIED.add(v)

@@ -148,3 +148,59 @@ def test_rotation_and_two_key_promotion(tmp_path, locked):
     assert Site(fresh).pull().version == 2  # production via the 2-key promotion
     with pytest.raises(TrustError, match="not in root"):
         reg.sign_timestamp(old)  # the rotated-out key signs nothing any more
+
+
+def test_snapshot_shards_chain_and_spec1_migration(tmp_path, locked, monkeypatch):
+    """Versions beyond the heads come from hash-chained shards (tamper one: refused, nothing
+    installed); a spec-1 timestamp is refused in one line until the owner re-signs it."""
+    from registry import release
+    from registry import trust_io as IO
+    from registry.errors import IntegrityError
+
+    monkeypatch.setattr(T, "SHARD_SIZE", 1)  # every version starts a shard: a 3-shard chain
+    uri, loc = embedded_uris(tmp_path / "reg")
+    reg = KeyRegistry(uri, "shards", artifact_location=loc)
+    owner = OwnerKeyring.init(tmp_path / "owner")
+    site = Site.init(tmp_path / "site", site_id="s", tracking_uri=uri, model_name="shards",
+                     owner_public_pem=owner.owner_public_pem)  # fmt: skip
+    owner.add_site("s", site.public_key_pem)
+    reg.publish_base(locked.base_dir, base_sha256=locked.base_sha256)
+    for v in (1, 2, 3):
+        publish(reg, locked, owner, v, **({"parent": v - 1} if v > 1 else {}))
+    anchor = T.anchor_root("shards", owner.owner_public_pem)
+    _, ts, root, run_id = IO.newest_timestamp(KeyRegistry(uri, "shards"), anchor)
+    assert (ts.count, ts.latest, sorted(ts.heads)) == (3, 3, ["3"])
+    shards = list(IO.iter_shards(KeyRegistry(uri, "shards"), ts))
+    assert [s.shard for s in shards] == [2, 1, 0] and shards[-1].prev is None
+    fresh = tmp_path / "fresh"
+    shutil.copytree(site.directory, fresh, symlinks=True)
+    assert site.pull("1").version == 1  # found two shards down the chain
+    assert site.installed()["targets_sha256"] == shards[-1].versions["1"].sha256
+    # The oldest shard altered in the store: its sha256 no longer matches the chain.
+    oldest = shards[1].prev  # shard 0, as shard 1 names it
+    path = next(p for p in (tmp_path / "reg").rglob(oldest.path.split("/")[-1]))
+    good = path.read_bytes()
+    path.write_bytes(good.replace(b'"shard":0', b'"shard":7'))
+    with pytest.raises(IntegrityError, match="tampered"):
+        Site(fresh).pull("1")
+    assert Site(fresh).installed() is None
+    path.write_bytes(good)
+    # A registry signed by an older adaloc: one timestamp listing every version (spec 1).
+    old = {
+        "_type": "timestamp", "spec": 1, "model": "shards", "counter": ts.counter + 1,
+        "expires": T.iso(ts.expires), "root_version": 1, "aliases": {}, "promotion": None,
+        "versions": {v: e.model_dump() for v, e in IO.all_entries(reg, ts).items()},
+    }  # fmt: skip
+    data = T.canonical(T.sign(old, [release.signing_key(owner)]))
+    release._upload(reg, run_id, IO.TRUST_DIR, IO.TIMESTAMP_FILE, data)
+    (tmp_path / "owner" / release.LOCAL_TIMESTAMP).write_bytes(data)
+    with pytest.raises(TrustError, match="spec 1") as err:
+        Site(fresh).pull("2")
+    assert "\n" not in str(err.value) and "sign-timestamp" in str(err.value)
+    reg.sign_timestamp(owner)  # migrates: the old list becomes shards under a new timestamp
+    r = Site(fresh).pull("2")
+    assert (r.version, r.model_sha256) == (2, locked.model_sha256[2])
+    _, ts2, _, _ = IO.newest_timestamp(KeyRegistry(uri, "shards"), anchor)
+    assert ts2.counter > ts.counter + 1 and sorted(IO.all_entries(reg, ts2), key=int) == [
+        "1", "2", "3",
+    ]  # fmt: skip
