@@ -35,6 +35,12 @@ class HardenConfig:
     inner_lrs: tuple[float, ...] = (0.01, 0.05, 0.1)
     batch_size: int = 64
     seed: int = 0
+    # after the probe training: Adam steps on the key positions only (owner CE). The
+    # attacks refill the key positions, so this changes nothing an attacker starts from,
+    # and it gives back the authorized accuracy the probe term cost.
+    polish_steps: int = 300
+    polish_lr: float = 1e-3
+    polish_batch: int = 128
 
 
 def _uniform_ce(logits: torch.Tensor) -> torch.Tensor:
@@ -155,7 +161,32 @@ def _probe_train(model, pos, train, make_fresh, cfg: HardenConfig, g) -> nn.Modu
     finally:
         for h in handles:
             h.remove()
+    key_polish(model, pos, train, cfg, g)
     return model.eval()
+
+
+def key_polish(model: nn.Module, pos: dict, train, cfg: HardenConfig, g) -> None:
+    """Owner cross-entropy on the key positions only; every other value stays bit-identical."""
+    if cfg.polish_steps <= 0:
+        return
+    params = [(n, p) for n, p in model.named_parameters() if n in pos]
+    if not params:
+        return
+    frozen = {n: p.detach().clone() for n, p in params}
+    opt = torch.optim.Adam([p for _, p in params], lr=cfg.polish_lr)
+    n = len(train)
+    model.train()
+    for _ in range(cfg.polish_steps):
+        idx = torch.randint(0, n, (min(cfg.polish_batch, n),), generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(train.x[idx]), train.y[idx])
+        grads = torch.autograd.grad(loss, [p for _, p in params])
+        for (name, p), gr in zip(params, grads, strict=True):
+            p.grad = gr.masked_fill(~pos[name], 0.0)
+        opt.step()
+        with torch.no_grad():
+            for name, p in params:
+                p.copy_(torch.where(pos[name], p, frozen[name]))
 
 
 _PASS = (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity)
@@ -208,3 +239,29 @@ def balance_fanout(model: nn.Module, mask: KeyMask | None = None) -> nn.Module:
             if p.bias is not None:
                 p.bias.mul_(a)
     return model
+
+
+# the norm-free default: alpha 6, probes on every hidden ReLU, then the key-only polish
+# (bench/README.md "MLP hardening": alpha 3 leaked +2.6 / +2.9 at 5% on two of three
+# Fashion-MNIST owners; alpha 6 stayed <= +1.4 on digits and on both of those owners)
+NORM_FREE_HARDENING = HardenConfig(objective="probe", alpha=6.0)
+
+
+def default_hardening(model: nn.Module) -> HardenConfig | None:
+    """The library's hardening for ``model``: one rule per kind of architecture.
+
+    With norm layers: None (the norm layers in the key already cut the network; the probe
+    training cost the CNN 4.2 authorized points). Without: :data:`NORM_FREE_HARDENING`,
+    used with :func:`adaloc.keys.default_spec`'s ``selection="first"``.
+    """
+    from adaloc.keys import has_norm_layers
+
+    return None if has_norm_layers(model) else NORM_FREE_HARDENING
+
+
+def harden_default(
+    model: nn.Module, mask: KeyMask, train, make_fresh: Callable[[], nn.Module]
+) -> nn.Module:
+    """``model`` hardened by :func:`default_hardening`'s rule (returned as is when None)."""
+    cfg = default_hardening(model)
+    return model if cfg is None else nontransferable(model, mask, train, make_fresh, cfg)

@@ -101,6 +101,24 @@ class KeySpec:
         return cls.from_dict(data)
 
 
+def has_norm_layers(model: nn.Module) -> bool:
+    """True when ``model`` has a normalization layer (BatchNorm, LayerNorm, GroupNorm)."""
+    return any(isinstance(m, _NORM_TYPES) for m in model.modules())
+
+
+def default_spec(model: nn.Module, **overrides) -> KeySpec:
+    """The library's key spec for ``model``: one rule per kind of architecture.
+
+    With norm layers: ``KeySpec()`` (every norm layer in the key cuts the network after
+    each of them; bench/README.md "Attacks"). Without (an MLP): the same spec with
+    ``selection="first"``, the earliest layer's rows, which the default hardening
+    (:func:`adaloc.harden.default_hardening`) makes the only carrier of the features.
+    """
+    if not has_norm_layers(model):
+        overrides = {"selection": "first", **overrides}
+    return KeySpec(**overrides)
+
+
 def rows_view(t: torch.Tensor, granularity: str) -> torch.Tensor:
     """2-D view of a tensor whose first axis enumerates the key positions."""
     if granularity == "element" or t.dim() <= 1:

@@ -82,3 +82,53 @@ def test_profile_fill_rows_keep_real_tails(trained_tiny):
     got = base.state_dict()[name].flatten(1)[mask.indices[name]]
     ratio = float(kurt(got) / kurt(w[real]))
     assert 0.7 < ratio < 1.4, ratio
+
+
+def test_key_polish_moves_only_the_key_and_lowers_the_owner_loss(tiny_data):
+    """The polish after the probe training: key positions change, all else stays bit-exact."""
+    from adaloc.harden import key_polish
+
+    torch.manual_seed(0)
+    model = _mlp()
+    fit(model, tiny_data, TrainConfig(epochs=1, lr=0.01, seed=0, device="cpu"), progress=False)
+    mask = select_key(model, KeySpec(budget=0.3, selection="first"))
+    state = model.state_dict()
+    pos = {n: mask.positions(n, t) for n, t in state.items() if n in mask.indices}
+    before = {n: t.clone() for n, t in state.items()}
+
+    def loss(m):
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(m(tiny_data.x), tiny_data.y))
+
+    start = loss(model)
+    cfg = HardenConfig(polish_steps=60, polish_lr=1e-2)
+    key_polish(model, pos, tiny_data, cfg, torch.Generator().manual_seed(0))
+    after = model.state_dict()
+    for name, t in after.items():
+        keyed = pos.get(name, torch.zeros_like(t, dtype=torch.bool))
+        assert torch.equal(t[~keyed], before[name][~keyed]), name
+    assert any(not torch.equal(after[n][p], before[n][p]) for n, p in pos.items())
+    assert loss(model) < start - 0.05, (start, loss(model))
+
+
+def test_default_rule_hardens_norm_free_nets_only(tiny_data, trained_tiny):
+    """Norm layers -> KeySpec() and no hardening; none -> "first" rows + the probe training."""
+    from adaloc.harden import NORM_FREE_HARDENING, default_hardening, harden_default
+    from adaloc.keys import default_spec
+
+    assert default_spec(trained_tiny) == KeySpec()
+    assert default_hardening(trained_tiny) is None
+    mask = select_key(trained_tiny, default_spec(trained_tiny, budget=0.3), data=tiny_data)
+    assert harden_default(trained_tiny, mask, tiny_data, _fresh()) is trained_tiny
+
+    torch.manual_seed(0)
+    mlp = _mlp()
+    fit(mlp, tiny_data, TrainConfig(epochs=4, lr=0.05, seed=0, device="cpu"), progress=False)
+    spec = default_spec(mlp, budget=0.3)
+    assert spec.selection == "first" and spec.budget == 0.3
+    assert default_hardening(mlp) == NORM_FREE_HARDENING
+    mask = select_key(mlp, spec, data=tiny_data)
+    hard = harden_default(mlp, mask, tiny_data, _fresh())
+    base, key = lock(hard, mask)
+    assert accuracy(unlock(base, key), tiny_data) >= accuracy(mlp, tiny_data) - 0.03
+    assert _public_r2(hard, mask, tiny_data) < _public_r2(mlp, mask, tiny_data) - 0.2
