@@ -18,6 +18,7 @@ every job seeds itself, so the figures do not depend on the number of workers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -189,14 +190,17 @@ def run_jobs(jobs: list[Job], make, workers: int, on_done=None) -> dict:
             _loop(pending, running, done, tmp, make, workers, on_done)
     finally:
         for pid in running:  # a failed job or a timeout: stop the others, reap them
-            os.kill(pid, signal.SIGTERM)
-            os.waitpid(pid, 0)
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     return done
 
 
 def _raise_exit(signum, frame):
+    # `timeout` signals the process and then its group: the second one must not cut the cleanup
+    signal.signal(signum, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
