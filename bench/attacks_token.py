@@ -19,11 +19,10 @@ def _token_size(args, bundle) -> int | None:
     return size if size <= min(bundle.image_size) else None
 
 
-def token_lock_entry(args, bundle, owner_train, test, make, space, refs, progress) -> dict | None:
-    """Token-lock a fresh owner model; search the token and fine-tune without it per fraction.
+def token_lock_model(args, bundle, owner_train, test, make, progress) -> tuple | None:
+    """Token-lock a fresh owner model: ``(model, token, entry without rows)``, or None.
 
-    Returns the ``locks["tokenlock"]`` entry of attacks.json, or None when the token does
-    not fit the images.
+    None when the token does not fit the images.
     """
     size = _token_size(args, bundle)
     if size is None:
@@ -43,7 +42,6 @@ def token_lock_entry(args, bundle, owner_train, test, make, space, refs, progres
     fit_token_lock(
         model, train, val, token, cfg, tc, num_classes=bundle.num_classes, progress=progress
     )
-    chance = 1.0 / bundle.num_classes
     entry = {
         "owner_acc": accuracy(model, test, input_fn=stamp_fn(token)),
         "unauthorized_acc": accuracy(model, test),
@@ -56,40 +54,62 @@ def token_lock_entry(args, bundle, owner_train, test, make, space, refs, progres
         },
         "rows": [],
     }
-    for frac, (data, scratch_acc) in refs.items():
-        try:
-            found = token_search(model, data.train, token, budget=args.token_budget, seed=args.seed)
-        except TokenError as err:
-            print(f"token search skipped: {err}")
-            break
+    return model, token, entry
+
+
+def token_rows(args, model, token, data, frac, test, space, num_classes) -> list[dict]:
+    """Token search and fine-tuning without the token at one fraction (no scratch yet).
+
+    The caller adds ``scratch_acc`` and ``leak_pt`` from the scratch run on the same data.
+    """
+    chance = 1.0 / num_classes
+    rows = []
+    try:
+        found = token_search(model, data.train, token, budget=args.token_budget, seed=args.seed)
+    except TokenError as err:
+        print(f"token search skipped: {err}")
+        found = None
+    if found is not None:
         acc = accuracy(model, test, input_fn=stamp_fn(found.best))
-        entry["rows"].append(
+        rows.append(
             {
                 "attack": "token_search",
                 "fraction": frac,
                 "n": data.n,
                 "attacked_acc": acc,
-                "scratch_acc": scratch_acc,
-                "leak_pt": 100 * (acc - scratch_acc),
                 "positions_precision": None,
                 "positions_recall": None,
                 "search": found.summary(),
                 "unlocked": acc > chance + 0.05,
             }
         )
-        res = search(clone_fn(model), data.train, data.val, space, desc="finetune no token")
-        acc = accuracy(res.model, test)
-        entry["rows"].append(
-            {
-                "attack": "finetune_no_token",
-                "fraction": frac,
-                "n": data.n,
-                "attacked_acc": acc,
-                "scratch_acc": scratch_acc,
-                "leak_pt": 100 * (acc - scratch_acc),
-                "positions_precision": None,
-                "positions_recall": None,
-                "chosen": {"optimizer": res.optimizer, "lr": res.lr, "steps": res.steps},
-            }
-        )
+    res = search(clone_fn(model), data.train, data.val, space, desc="finetune no token")
+    rows.append(
+        {
+            "attack": "finetune_no_token",
+            "fraction": frac,
+            "n": data.n,
+            "attacked_acc": accuracy(res.model, test),
+            "positions_precision": None,
+            "positions_recall": None,
+            "chosen": {"optimizer": res.optimizer, "lr": res.lr, "steps": res.steps},
+        }
+    )
+    return rows
+
+
+def token_lock_entry(args, bundle, owner_train, test, make, space, refs, progress) -> dict | None:
+    """Token-lock a fresh owner model; search the token and fine-tune without it per fraction.
+
+    Returns the ``locks["tokenlock"]`` entry of attacks.json, or None when the token does
+    not fit the images. ``refs``: fraction -> (attacker data, scratch accuracy).
+    """
+    got = token_lock_model(args, bundle, owner_train, test, make, progress)
+    if got is None:
+        return None
+    model, token, entry = got
+    for frac, (data, scratch_acc) in refs.items():
+        for row in token_rows(args, model, token, data, frac, test, space, bundle.num_classes):
+            row.update(scratch_acc=scratch_acc, leak_pt=100 * (row["attacked_acc"] - scratch_acc))
+            entry["rows"].append(row)
     return entry

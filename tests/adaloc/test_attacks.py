@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -72,6 +73,22 @@ def test_search_picks_on_validation_and_returns_that_model(tiny_data):
     assert len(res.tried) == len(FAST.grid) * FAST.checkpoints
     with pytest.raises(ConfigError, match="grid entry"):
         SearchSpace(grid=(("rmsprop", 0.1),))
+
+
+def test_patience_stops_a_configuration_that_stopped_improving(tiny_data):
+    data = attacker_split(tiny_data, 200, seed=0)
+    # lr 1e-9: the validation accuracy cannot move, so every checkpoint after the first is stale
+    flat = SearchSpace(grid=(("sgd", 1e-9), ("adam", 1e-9)), steps=40, checkpoints=4, patience=1)
+    res = search(tiny_net, data.train, data.val, flat)
+    assert [t["optimizer"] for t in res.tried] == ["sgd", "sgd", "adam", "adam"]
+    assert res.val_acc == max(t["val"] for t in res.tried)
+    full = search(tiny_net, data.train, data.val, dataclasses.replace(flat, patience=0))
+    assert len(full.tried) == 8
+    # a configuration that keeps improving is not cut short
+    live = search(tiny_net, data.train, data.val, dataclasses.replace(FAST, patience=1))
+    assert len(live.tried) >= len(FAST.grid)
+    with pytest.raises(ConfigError, match="patience"):
+        SearchSpace(patience=-1)
 
 
 def test_weight_attacks_run_and_positions_only_training_stays_in_place(trained_tiny, tiny_data):
