@@ -170,7 +170,8 @@ def run_jobs(jobs: list[Job], make, workers: int, on_done=None) -> dict:
     ``workers`` > 1: each job runs in a forked child (it sees every finished job's output)
     and hands its figures back as JSON and its models as safetensors state dicts, rebuilt
     with ``make()``. Ready jobs start longest remaining path first. ``on_done(name, done)``
-    runs in the parent after each job.
+    runs in the parent after each job. Every job runs on one torch thread, inline or forked,
+    so the figures and models do not depend on ``workers`` (threads change float sums).
     """
     by_name = {j.name: j for j in jobs}
     rank: dict[str, float] = {}
@@ -185,6 +186,8 @@ def run_jobs(jobs: list[Job], make, workers: int, on_done=None) -> dict:
     pending = sorted(jobs, key=lambda j: -path(j.name))
     running: dict[int, tuple] = {}
     old = signal.signal(signal.SIGTERM, _raise_exit) if workers > 1 else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         with tempfile.TemporaryDirectory(prefix="attacks-") as tmp:
             _loop(pending, running, done, tmp, make, workers, on_done)
@@ -195,6 +198,7 @@ def run_jobs(jobs: list[Job], make, workers: int, on_done=None) -> dict:
                 os.waitpid(pid, 0)
         if old is not None:
             signal.signal(signal.SIGTERM, old)
+        torch.set_num_threads(threads)
     return done
 
 
