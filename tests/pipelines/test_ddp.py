@@ -89,14 +89,18 @@ def test_ddp_key_only_update_on_the_streaming_path(tmp_path, source):
     from adaloc.keys import KeySpec, select_key
     from adaloc.lock import lock, outside_key_sha256
     from adaloc.models import build_model
-    from adaloc.shards import convert_image_folder
     from adaloc.streaming import write_image_folder
 
     bundle = load_dataset("digits")
     n = write_image_folder(bundle.train, tmp_path / "png" / "train")
     write_image_folder(bundle.test, tmp_path / "png" / "test")
     if source == "shards":  # 300 samples a shard: several shards per rank and window
-        convert_image_folder(tmp_path / "png", tmp_path / "shards", shard_size=300, progress=False)
+        # With the CLI, as users make shards: its DataLoader workers are forked from a fresh
+        # process, not from this long-lived, many-threaded test process.
+        cmd = [sys.executable, "-m", "adaloc.shards", str(tmp_path / "png"),
+               str(tmp_path / "shards"), "--shard-size", "300"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-2000:]
     torch.manual_seed(0)
     model = build_model("cnn", in_channels=1, num_classes=10, image_size=bundle.image_size)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "init.st")
