@@ -24,16 +24,20 @@ def tiny_net() -> nn.Module:
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_data() -> ImageSet:
-    """A learnable 4-class problem: the class is which image quadrant is bright."""
+def quadrant_images(n: int) -> ImageSet:
+    """A learnable 4-class problem of ``n`` 12x12 images: the class is which quadrant is bright."""
     g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 4, (768,), generator=g)
-    x = torch.rand(768, 1, 12, 12, generator=g) * 0.3
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.rand(n, 1, 12, 12, generator=g) * 0.3
     for c in range(4):
         r, col = divmod(c, 2)
         x[y == c, :, r * 6 : r * 6 + 6, col * 6 : col * 6 + 6] += 0.7
     return ImageSet(x.clamp(0, 1), y)
+
+
+@pytest.fixture(scope="session")
+def tiny_data() -> ImageSet:
+    return quadrant_images(768)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import torch
 from adaloc.attacks import SearchSpace, attacker_split, fresh_fn, scratch
 from adaloc.data import ImageSet
 from adaloc.evaluate import accuracy
-from tests.adaloc.conftest import tiny_net
+from tests.adaloc.conftest import quadrant_images, tiny_net
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from attacks import Job, run_jobs  # noqa: E402
@@ -21,14 +21,7 @@ SPACE = SearchSpace(grid=(("adam", 3e-3),), steps=30, checkpoints=2)
 
 @pytest.fixture(scope="module")
 def quadrants() -> ImageSet:
-    """4 classes: which image quadrant is bright."""
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 4, (320,), generator=g)
-    x = torch.rand(320, 1, 12, 12, generator=g) * 0.3
-    for c in range(4):
-        r, col = divmod(c, 2)
-        x[y == c, :, r * 6 : r * 6 + 6, col * 6 : col * 6 + 6] += 0.7
-    return ImageSet(x.clamp(0, 1), y)
+    return quadrant_images(320)
 
 
 def _jobs(quadrants):
