@@ -7,7 +7,8 @@ all-reduce (tensor hooks fire before the reducer sees a gradient), only keyed pa
 registered with DDP, and every non-key value is written back after each step. Every rank
 starts from the same weights (DDP broadcasts rank 0's at wrap time) and walks its own
 shard of one shared, seeded permutation, so the ranks stay identical. A ``torch`` Dataset
-(e.g. :func:`adaloc.streaming.image_folder`, not an in-memory ImageSet) is read through a
+(:func:`adaloc.streaming.image_folder` or an :class:`adaloc.shards.ShardSet`, not an
+in-memory ImageSet) is read through a
 DataLoader with a ``DistributedSampler`` instead: the same equal, disjoint per-rank shards,
 reshuffled per epoch with ``set_epoch``.
 
@@ -70,7 +71,7 @@ def shard_batches(n: int, batch_size: int, g: torch.Generator, rank: int, world:
         yield mine[start : start + batch_size]
 
 
-def sharded_loader(train, cfg: TrainConfig, rank: int, world: int, num_workers: int):
+def sharded_loader(train, cfg: TrainConfig, rank: int, world: int, num_workers: int | None):
     """(epoch factory, steps per epoch) over a Dataset through a DistributedSampler."""
     from torch.utils.data.distributed import DistributedSampler
 
@@ -96,13 +97,14 @@ def fit_distributed(
     *,
     mask: KeyMask | None = None,
     device: torch.device | None = None,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     desc: str = "train-ddp",
     progress: bool = True,
 ) -> TrainReport:
     """Train ``model`` on ``train`` with DDP across the current process group; with ``mask``
     only the key changes. ``train`` is an in-memory ImageSet (index shards) or any Dataset
-    (streamed by ``num_workers`` loader processes per rank). ``cfg.batch_size`` is per rank.
+    (streamed by ``num_workers`` loader processes per rank; ``None``: 0 for shards, 2 for
+    image folders, :func:`adaloc.streaming.default_workers`). ``cfg.batch_size`` is per rank.
     Returns rank-local timings."""
     if not dist.is_initialized():
         raise ConfigError("fit_distributed needs a process group; call init_distributed() first")

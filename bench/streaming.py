@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="10000,100000", help="comma list of folder sizes")
     p.add_argument("--rounds", type=int, default=2, help="alternated throughput rounds")
     p.add_argument("--workers", type=int, default=2, help="loader workers, PNG folder")
-    p.add_argument("--shard-workers", type=int, default=1, help="loader workers, shards")
+    p.add_argument("--shard-workers", type=int, default=0, help="loader workers, shards")
     p.add_argument("--skip-rss", action="store_true", help="throughput rounds only")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument(

@@ -10,12 +10,13 @@
         --dataset imagefolder:runs/images --stream --num-workers 2 --mode key ...
     python -m adaloc.shards runs/images runs/shards
     torchrun --standalone --nproc_per_node 2 -m pipelines.train_ddp \\
-        --dataset shards:runs/shards --num-workers 1 --mode key ...
+        --dataset shards:runs/shards --mode key ...
 
 ``--stream`` reads an ``imagefolder:PATH`` set lazily (adaloc.streaming: ImageFolder +
 DataLoader workers + DistributedSampler) instead of loading it into memory; a
 ``shards:PATH`` set (uint8 shards made by ``python -m adaloc.shards``) is always streamed,
-each rank reading its DistributedSampler-equal part in whole batches.
+each rank reading its DistributedSampler-equal part in whole batches, in the rank's own
+process unless ``--num-workers`` says otherwise (``adaloc.streaming.default_workers``).
 ``--mode full`` trains the whole network (the owner's base training); ``--mode key`` trains
 only the key positions of the mask stored in ``--key`` (an adaloc key artifact). gloo on
 CPU, nccl on CUDA (one process per GPU). Rank 0 writes ``--out`` (safetensors state dict)
@@ -59,7 +60,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="read --dataset imagefolder:PATH lazily through DataLoader workers "
         "(shards:PATH always is)",
     )
-    p.add_argument("--num-workers", type=int, default=2, help="loader processes per rank")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="loader processes per rank (default: 2 for image folders, 0 for shards)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True)
     return p
