@@ -22,7 +22,15 @@ from adaloc.keys import KeySpec, select_key
 from adaloc.lock import lock, outside_key_sha256
 from adaloc.models import build_model
 from adaloc.shards import MANIFEST, ShardSet, main, write_shards
-from adaloc.streaming import fit_stream, key_sample, make_loader, stream_dataset, write_image_folder
+from adaloc.streaming import (
+    IMAGE_FOLDER_WORKERS,
+    fit_stream,
+    image_folder,
+    key_sample,
+    make_loader,
+    stream_dataset,
+    write_image_folder,
+)
 from adaloc.training import TrainConfig
 
 
@@ -96,6 +104,14 @@ def test_shard_epochs_are_seeded_and_independent_of_the_worker_count(tmp_path):
     assert _ids(other) != first
     plain = make_loader(ds, batch_size=10, num_workers=0)
     assert len(plain) == 21 and sorted(_ids(plain)) == list(range(203))
+
+
+def test_default_workers_read_shards_in_process_and_decode_folders_in_two(tmp_path, folder):
+    shards = make_loader(_numbered(tmp_path, 40), batch_size=10, shuffle=True)
+    assert shards.loader.num_workers == 0
+    assert sorted(_ids(shards)) == list(range(40))
+    pngs = make_loader(image_folder(folder / "train"), batch_size=64)
+    assert pngs.num_workers == IMAGE_FOLDER_WORKERS == 2
 
 
 @pytest.mark.parametrize("world", [2, 3])
