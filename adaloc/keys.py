@@ -8,6 +8,7 @@ with ``"element"`` it is a single value. The budget is a fraction of the model's
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -117,6 +118,16 @@ def default_spec(model: nn.Module, **overrides) -> KeySpec:
     if not has_norm_layers(model):
         overrides = {"selection": "first", **overrides}
     return KeySpec(**overrides)
+
+
+@functools.cache
+def norm_free(name: str) -> bool:
+    """True when the model builder ``name`` (``adaloc.models``) makes a network without norm
+    layers, the case :func:`default_spec` and the default hardening treat apart (the MLP)."""
+    from adaloc.models import build_model
+
+    with torch.device("meta"):  # layers only: no memory, no init (densenet121: ~0.1 s)
+        return not has_norm_layers(build_model(name, in_channels=1, num_classes=2, image_size=32))
 
 
 def rows_view(t: torch.Tensor, granularity: str) -> torch.Tensor:

@@ -51,8 +51,8 @@ from adaloc.attacks import (
 )
 from adaloc.data import load_dataset, make_stages
 from adaloc.evaluate import accuracy, chance_level
-from adaloc.harden import HardenConfig, balance_fanout, nontransferable
-from adaloc.keys import KeyMask, KeySpec, select_key
+from adaloc.harden import HardenConfig, balance_fanout, default_hardening, nontransferable
+from adaloc.keys import KeyMask, KeySpec, default_spec, select_key
 from adaloc.lock import FILLS, lock, random_key, unlock
 from adaloc.models import build_model
 from adaloc.token import Token
@@ -64,7 +64,8 @@ from attacks_token import _token_size, token_lock_model, token_rows  # noqa: E40
 
 DEFAULT_FILL = inspect.signature(lock).parameters["fill"].default
 LOCKS = {
-    # name: (KeySpec overrides, fill); "default" follows the library's KeySpec() and lock()
+    # name: (KeySpec overrides, fill[, hardening steps]); "default" follows the library:
+    # lock()'s fill, default_spec() and default_hardening() of the model (_default_lock)
     "paper": ({"selection": "magnitude", "include_norm": False, "include_head": False}, "zeros"),
     "default": ({}, DEFAULT_FILL),
     "zeros": ({}, "zeros"),
@@ -344,6 +345,8 @@ def main(args: argparse.Namespace) -> dict:
         for name in lock_names
     }
     specs = {name: KeySpec(**LOCKS[name][0]) for name in lock_names}
+    if "default" in lock_names:  # the library's rule for this architecture, as the flows use
+        specs["default"], hardens["default"] = _default_lock(make, args.seed)
     fills = {name: LOCKS[name][1] for name in lock_names}
     draws = {
         (frac, rep): attacker_split(
@@ -374,9 +377,9 @@ def main(args: argparse.Namespace) -> dict:
             figures[name] = {
                 "mask": _mask_json(mask),
                 "entry": {
-                    "hardening": {
-                        **{k: v for k, v in cfg.__dict__.items() if k != "objective"},
-                        "steps": list(LOCKS[name][2:]),
+                    "hardening": {  # the partial's own (steps, config): default has its own
+                        **{k: v for k, v in harden.args[1].__dict__.items() if k != "objective"},
+                        "steps": list(harden.args[0]),
                         "seconds": round(time.perf_counter() - t_h, 1),
                     }
                     if harden
@@ -628,6 +631,20 @@ def _assemble(result: dict, done: dict, jobs: list[str], lock_names, fractions, 
                 leak = 100 * (row["attacked_acc"] - scratch_acc)
                 entry["rows"].append({**row, "scratch_acc": scratch_acc, "leak_pt": leak})
         result["locks"]["tokenlock"] = entry
+
+
+def _default_lock(make, seed: int):
+    """(KeySpec, hardening) of the ``default`` lock: :func:`adaloc.keys.default_spec` and
+    :func:`adaloc.harden.default_hardening` for ``make()``'s architecture (the CNN: KeySpec()
+    and none; a norm-free MLP: first-layer rows and the alpha-6 probe training + polish).
+    ``--harden-alpha`` / ``--harden-steps`` do not apply to it."""
+    model = make()
+    hc = default_hardening(model)
+    if hc is None:
+        return default_spec(model), None
+    return default_spec(model), functools.partial(
+        _harden, (hc.objective,), dataclasses.replace(hc, seed=seed), make
+    )
 
 
 def _harden(steps: tuple, cfg: HardenConfig, make, model, mask, train):

@@ -182,10 +182,16 @@ class PipelineConfig(VersionedConfig):
         return value
 
     def key_spec(self):
-        """The :class:`adaloc.keys.KeySpec` this config asks for."""
-        from adaloc.keys import KeySpec
+        """The :class:`adaloc.keys.KeySpec` this config asks for: ``key``'s fields over the
+        flows' selection rule. With norm layers: data-aware ``saliency`` rows (besides every
+        norm layer, the head and the stem); a norm-free ``mlp``: the library's
+        :func:`adaloc.keys.default_spec` rule, ``first`` (the earliest layer's rows), which the
+        lock flow's hardening (:func:`adaloc.harden.harden_default`) makes the carrier of
+        the features."""
+        from adaloc.keys import KeySpec, norm_free
 
-        return KeySpec.from_dict(self.key)
+        rule = {"selection": "first" if norm_free(self.model) else "saliency"}
+        return KeySpec.from_dict({**rule, **self.key})
 
     @property
     def caches_keys(self) -> bool:

@@ -227,6 +227,33 @@ def select_key(model, cfg: PipelineConfig, train):
     return _select(model, cfg.key_spec(), data=train)
 
 
+def hardens(cfg: PipelineConfig) -> bool:
+    """True when :func:`harden` changes ``cfg.model``'s network (a norm-free builder)."""
+    from adaloc.keys import norm_free
+
+    return norm_free(cfg.model)
+
+
+@task(name="harden", **LOCAL)
+def harden(model, mask, train, bundle, cfg: PipelineConfig):
+    """The library's hardening for this architecture, between key selection and the lock
+    (:func:`adaloc.harden.harden_default`): a norm-free MLP gets the alpha-6 probe training
+    and the key-only polish (the public layers carry nothing a linear probe can use); a
+    model with norm layers is returned as is."""
+    from adaloc.harden import harden_default
+    from adaloc.models import build_model as _build
+
+    def fresh():  # the refill attacker's fresh init, simulated during the training
+        return _build(
+            cfg.model,
+            in_channels=bundle.in_channels,
+            num_classes=bundle.num_classes,
+            image_size=bundle.image_size,
+        )
+
+    return harden_default(model, mask, train, fresh)
+
+
 @task(name="lock", **LOCAL)
 def lock_model(model, mask, seed: int):
     """Split the network into the public base and the secret key v1."""

@@ -1,0 +1,52 @@
+"""The lock flow's default lock per architecture: the library's key rule and hardening
+(adaloc.keys.default_spec, adaloc.harden.harden_default), as bench/attacks.py's ``default``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaloc.data import load_dataset
+from adaloc.evaluate import accuracy
+from adaloc.keys import select_key
+from adaloc.lock import outside_key_sha256
+from adaloc.models import build_model
+from adaloc.training import TrainConfig, fit
+from pipelines import tasks as T
+from pipelines.config import load_config
+
+
+def test_key_spec_follows_the_library_rule_per_architecture():
+    assert load_config(overrides={"model": "cnn"}).key_spec().selection == "saliency"
+    assert load_config(overrides={"model": "resnet18"}).key_spec().selection == "saliency"
+    assert load_config(overrides={"model": "mlp"}).key_spec().selection == "first"
+    mine = load_config(overrides=["model=mlp", "key.selection=magnitude", "key.budget=0.1"])
+    assert (mine.key_spec().selection, mine.key_spec().budget) == ("magnitude", 0.1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _trained(name: str, bundle):
+    torch.manual_seed(0)
+    model = build_model(
+        name, in_channels=1, num_classes=bundle.num_classes, image_size=bundle.image_size
+    )
+    fit(model, bundle.train, TrainConfig(epochs=3, device="cpu"), progress=False)
+    return model
+
+
+def test_harden_task_retrains_the_public_layers_of_a_norm_free_model_only(digits):
+    cfg = load_config(overrides={"dataset": "digits", "model": "mlp", "device": "cpu"})
+    mlp = _trained("mlp", digits)
+    mask = select_key(mlp, cfg.key_spec(), data=digits.train)
+    hardened = T.harden.fn(mlp, mask, digits.train, digits, cfg)
+    assert outside_key_sha256(hardened, mask) != outside_key_sha256(mlp, mask)
+    assert accuracy(hardened, digits.test) >= accuracy(mlp, digits.test) - 0.03
+
+    cnn_cfg = cfg.replace(model="cnn")
+    cnn = _trained("cnn", digits)
+    cnn_mask = select_key(cnn, cnn_cfg.key_spec(), data=digits.train)
+    assert T.harden.fn(cnn, cnn_mask, digits.train, digits, cnn_cfg) is cnn
