@@ -7,33 +7,28 @@ Trains the owner's network on the base half of the training set, locks it severa
 prices each base against an attacker holding N = 1%, 5%, 10% of the training set (drawn
 from the other half). Every attack and the scratch reference get the same hyperparameter
 search, chosen on the attacker's validation split. Writes DIR/attacks.json, DIR/attacks.md
-and DIR/attacks.png; ``bench/attacks_report.py`` renders the table and figure.
+and DIR/attacks.png; ``bench/attacks_report.py`` assembles the rows and renders the table
+and figure.
 
 The work is a graph of independent jobs (owner, scratch per fraction, each attack per lock
 and fraction, the token side), run in ``--workers`` forked processes (default 2, the
 cores of this machine). Jobs hand models back as safetensors files and figures as JSON;
-every job seeds itself, so the figures do not depend on the number of workers.
+every job seeds itself, so the figures do not depend on the number of workers
+(``bench/attacks_jobs.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import inspect
 import json
-import os
-import signal
 import sys
-import tempfile
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from adaloc.attacks import (
@@ -59,7 +54,8 @@ from adaloc.token import Token
 from adaloc.training import TrainConfig, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attacks_report import plot, write_markdown  # noqa: E402
+from attacks_jobs import Job, run_jobs  # noqa: E402
+from attacks_report import assemble, plot, write_markdown  # noqa: E402
 from attacks_token import _token_size, token_lock_model, token_rows  # noqa: E402
 
 DEFAULT_FILL = inspect.signature(lock).parameters["fill"].default
@@ -153,127 +149,6 @@ def _positions_by_fill(owner, spec, mask, shadow, data, make, harden=None) -> di
         det = shadow_detector([shadow], base, spec, fill, data, make, harden=harden)
         out[fill] = position_report(owner, spec, infer_positions(base, spec, det), mask).to_dict()
     return out
-
-
-@dataclasses.dataclass
-class Job:
-    """One unit of the recipe: ``fn(done) -> (figures as JSON, {name: model})``."""
-
-    name: str
-    fn: Callable[[dict], tuple[dict, dict]]
-    deps: tuple[str, ...] = ()
-    cost: float = 1.0
-
-
-def run_jobs(jobs: list[Job], make, workers: int, on_done=None) -> dict:
-    """Run ``jobs`` respecting ``deps``; returns ``{name: (json, {name: model})}``.
-
-    ``workers`` > 1: each job runs in a forked child (it sees every finished job's output)
-    and hands its figures back as JSON and its models as safetensors state dicts, rebuilt
-    with ``make()``. Ready jobs start longest remaining path first. ``on_done(name, done)``
-    runs in the parent after each job. Every job runs on one torch thread, inline or forked,
-    so the figures and models do not depend on ``workers`` (threads change float sums).
-    """
-    by_name = {j.name: j for j in jobs}
-    rank: dict[str, float] = {}
-
-    def path(name: str) -> float:  # cost of the longest chain of jobs starting at ``name``
-        if name not in rank:
-            after = [path(j.name) for j in jobs if name in j.deps]
-            rank[name] = by_name[name].cost + max(after, default=0.0)
-        return rank[name]
-
-    done: dict = {}
-    pending = sorted(jobs, key=lambda j: -path(j.name))
-    running: dict[int, tuple] = {}
-    old = signal.signal(signal.SIGTERM, _raise_exit) if workers > 1 else None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with tempfile.TemporaryDirectory(prefix="attacks-") as tmp:
-            _loop(pending, running, done, tmp, make, workers, on_done)
-    finally:
-        for pid in running:  # a failed job or a timeout: stop the others, reap them
-            with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                os.kill(pid, signal.SIGTERM)
-                os.waitpid(pid, 0)
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
-        torch.set_num_threads(threads)
-    return done
-
-
-def _raise_exit(signum, frame):
-    # `timeout` signals the process and then its group: the second one must not cut the cleanup
-    signal.signal(signum, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
-
-
-def _loop(pending, running, done, tmp, make, workers, on_done) -> None:
-    while pending or running:
-        ready = [j for j in pending if all(d in done for d in j.deps)]
-        if not ready and not running:
-            raise RuntimeError(f"jobs with unmet dependencies: {[j.name for j in pending]}")
-        for job in ready:
-            if workers > 1 and len(running) >= workers:
-                break
-            pending.remove(job)
-            if workers <= 1:
-                done[job.name] = job.fn(done)
-                if on_done:
-                    on_done(job.name, done)
-                continue
-            stem = Path(tmp) / f"job{len(done) + len(running)}-{os.getpid()}"
-            pid = os.fork()
-            if pid == 0:  # child: run, write, leave without running the parent's cleanup
-                code = 1
-                try:
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    torch.set_num_threads(1)
-                    _write_job(stem, *job.fn(done))
-                    code = 0
-                except BaseException:
-                    traceback.print_exc()
-                finally:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(code)
-            running[pid] = (job, stem)
-        if workers <= 1 or not running:
-            continue
-        pid, status = os.waitpid(-1, 0)
-        if pid not in running:
-            continue
-        job, stem = running.pop(pid)
-        if status != 0:
-            raise RuntimeError(f"job {job.name} failed (status {status}); see its traceback")
-        done[job.name] = _read_job(stem, make)
-        if on_done:
-            on_done(job.name, done)
-
-
-def _write_job(stem: Path, figures: dict, models: dict) -> None:
-    tensors = {
-        f"{m}/{k}": v.detach().clone().contiguous()
-        for m, model in models.items()
-        for k, v in model.state_dict().items()
-    }
-    save_file(tensors, f"{stem}.safetensors")
-    Path(f"{stem}.json").write_text(json.dumps({"figures": figures, "models": list(models)}))
-
-
-def _read_job(stem: Path, make) -> tuple[dict, dict]:
-    meta = json.loads(Path(f"{stem}.json").read_text())
-    tensors = load_file(f"{stem}.safetensors")
-    models = {}
-    for m in meta["models"]:
-        model = make()
-        prefix = f"{m}/"
-        model.load_state_dict(
-            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        )
-        models[m] = model.eval()
-    return meta["figures"], models
 
 
 def _mask_json(mask: KeyMask) -> dict:
@@ -544,7 +419,7 @@ def main(args: argparse.Namespace) -> dict:
 
     def on_done(name, done):
         bar.update(1)
-        _assemble(result, done, names, lock_names, fractions, args.repeats, draws)
+        assemble(result, done, names, lock_names, fractions, args.repeats, draws)
         # a long run keeps what it has measured so far (re-draw with bench/attacks_report.py)
         (out / "attacks.json").write_text(json.dumps(result, indent=2))
 
@@ -583,56 +458,6 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _assemble(result: dict, done: dict, jobs: list[str], lock_names, fractions, repeats, draws):
-    """Fill ``result['locks']`` from the finished jobs (rows only for complete fractions)."""
-    if "owner" not in done:
-        return
-    figures = done["owner"][0]
-    for name in lock_names:
-        entry = {**figures[name]["entry"], "rows": []}
-        if f"by_fill|{name}" in done:
-            entry["positions_by_fill"] = done[f"by_fill|{name}"][0]
-        for frac in fractions:
-            keys = [(frac, rep) for rep in range(repeats)]
-            want = [
-                j
-                for key in keys
-                for j in jobs
-                if j.endswith(f"|{name}|{key}") and not j.startswith("positions|")
-            ]
-            want += [f"scratch|{key}" for key in keys]
-            if not all(j in done for j in want):
-                continue
-            per_attack: dict = {}
-            for key in keys:
-                scratch_acc = done[f"scratch|{key}"][0]["test"]
-                for j in want:
-                    if j.endswith(f"|{name}|{key}"):
-                        for attack, v in done[j][0].items():
-                            per_attack.setdefault(attack, []).append({**v, "scratch": scratch_acc})
-            if not per_attack:
-                continue
-            n = draws[keys[0]].n
-            for attack in sorted(per_attack, key=WEIGHT_ATTACKS.index):
-                entry["rows"].append(_row(attack, frac, n, per_attack[attack]))
-            # the attacker's own pick: the attack with the best validation accuracy
-            best = max(per_attack, key=lambda a: sum(v["val"] for v in per_attack[a]))
-            entry["rows"].append(
-                {**_row(best, frac, n, per_attack[best]), "attack": "best", "picked": best}
-            )
-        result["locks"][name] = entry
-    if "tokenlock" in done and done["tokenlock"][0]["entry"] is not None:
-        entry = {**done["tokenlock"][0]["entry"], "rows": []}
-        for frac in fractions:
-            if f"token|{frac}" not in done or f"scratch|{(frac, 0)}" not in done:
-                continue
-            scratch_acc = done[f"scratch|{(frac, 0)}"][0]["test"]
-            for row in done[f"token|{frac}"][0]["rows"]:
-                leak = 100 * (row["attacked_acc"] - scratch_acc)
-                entry["rows"].append({**row, "scratch_acc": scratch_acc, "leak_pt": leak})
-        result["locks"]["tokenlock"] = entry
-
-
 def _default_lock(make, seed: int):
     """(KeySpec, hardening) of the ``default`` lock: :func:`adaloc.keys.default_spec` and
     :func:`adaloc.harden.default_hardening` for ``make()``'s architecture (the CNN: KeySpec()
@@ -657,26 +482,6 @@ def _harden(steps: tuple, cfg: HardenConfig, make, model, mask, train):
         elif step == "balance":
             model = balance_fanout(model, mask)
     return model
-
-
-def _row(attack: str, frac: float, n: int, vals: list[dict]) -> dict:
-    k = len(vals)
-    att = sum(v["test"] for v in vals) / k
-    scr = sum(v["scratch"] for v in vals) / k
-    pos = [v["pos"] for v in vals if v["pos"] is not None]
-    return {
-        "attack": attack,
-        "fraction": frac,
-        "n": n,
-        "attacked_acc": att,
-        "scratch_acc": scr,
-        "leak_pt": 100 * (att - scr),
-        "positions_precision": sum(p["precision"] for p in pos) / len(pos) if pos else None,
-        "positions_recall": sum(p["recall"] for p in pos) / len(pos) if pos else None,
-        "positions_share": pos[0]["share"] if pos else None,
-        "val_acc": sum(v["val"] for v in vals) / k,
-        "chosen": vals[-1]["chosen"],
-    }
 
 
 if __name__ == "__main__":

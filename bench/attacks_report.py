@@ -1,4 +1,5 @@
-"""Table and figure of bench/attacks.py; re-draws a finished run from its JSON.
+"""The attacks.json rows of bench/attacks.py (``assemble``), its table and figure; re-draws a
+finished run from its JSON.
 
 python bench/attacks_report.py DIR/attacks.json
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from adaloc.attacks import WEIGHT_ATTACKS
 
 
 def _pct(v) -> str:
@@ -87,6 +90,79 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def assemble(result: dict, done: dict, jobs: list[str], lock_names, fractions, repeats, draws):
+    """Fill ``result['locks']`` (the attacks.json layout) from bench/attacks.py's finished
+    jobs: one row per attack and fraction, averaged over the draws, plus the attacker's own
+    pick; rows only for complete fractions."""
+    if "owner" not in done:
+        return
+    figures = done["owner"][0]
+    for name in lock_names:
+        entry = {**figures[name]["entry"], "rows": []}
+        if f"by_fill|{name}" in done:
+            entry["positions_by_fill"] = done[f"by_fill|{name}"][0]
+        for frac in fractions:
+            keys = [(frac, rep) for rep in range(repeats)]
+            want = [
+                j
+                for key in keys
+                for j in jobs
+                if j.endswith(f"|{name}|{key}") and not j.startswith("positions|")
+            ]
+            want += [f"scratch|{key}" for key in keys]
+            if not all(j in done for j in want):
+                continue
+            per_attack: dict = {}
+            for key in keys:
+                scratch_acc = done[f"scratch|{key}"][0]["test"]
+                for j in want:
+                    if j.endswith(f"|{name}|{key}"):
+                        for attack, v in done[j][0].items():
+                            per_attack.setdefault(attack, []).append({**v, "scratch": scratch_acc})
+            if not per_attack:
+                continue
+            n = draws[keys[0]].n
+            for attack in sorted(per_attack, key=WEIGHT_ATTACKS.index):
+                entry["rows"].append(attack_row(attack, frac, n, per_attack[attack]))
+            # the attacker's own pick: the attack with the best validation accuracy
+            best = max(per_attack, key=lambda a: sum(v["val"] for v in per_attack[a]))
+            entry["rows"].append(
+                {**attack_row(best, frac, n, per_attack[best]), "attack": "best", "picked": best}
+            )
+        result["locks"][name] = entry
+    if "tokenlock" in done and done["tokenlock"][0]["entry"] is not None:
+        entry = {**done["tokenlock"][0]["entry"], "rows": []}
+        for frac in fractions:
+            if f"token|{frac}" not in done or f"scratch|{(frac, 0)}" not in done:
+                continue
+            scratch_acc = done[f"scratch|{(frac, 0)}"][0]["test"]
+            for row in done[f"token|{frac}"][0]["rows"]:
+                leak = 100 * (row["attacked_acc"] - scratch_acc)
+                entry["rows"].append({**row, "scratch_acc": scratch_acc, "leak_pt": leak})
+        result["locks"]["tokenlock"] = entry
+
+
+def attack_row(attack: str, frac: float, n: int, vals: list[dict]) -> dict:
+    """One attacks.json row: ``vals`` (one per draw) averaged."""
+    k = len(vals)
+    att = sum(v["test"] for v in vals) / k
+    scr = sum(v["scratch"] for v in vals) / k
+    pos = [v["pos"] for v in vals if v["pos"] is not None]
+    return {
+        "attack": attack,
+        "fraction": frac,
+        "n": n,
+        "attacked_acc": att,
+        "scratch_acc": scr,
+        "leak_pt": 100 * (att - scr),
+        "positions_precision": sum(p["precision"] for p in pos) / len(pos) if pos else None,
+        "positions_recall": sum(p["recall"] for p in pos) / len(pos) if pos else None,
+        "positions_share": pos[0]["share"] if pos else None,
+        "val_acc": sum(v["val"] for v in vals) / k,
+        "chosen": vals[-1]["chosen"],
+    }
 
 
 if __name__ == "__main__":

@@ -139,20 +139,25 @@ def update_recipe(cfg: PipelineConfig):
     return dataclasses.replace(rec, lr=cfg.lr) if cfg.lr else rec
 
 
-@task(name="build model", **LOCAL)
-def build_model(bundle, cfg: PipelineConfig):
-    """A fresh network for the dataset's channels, size and classes (seeded)."""
-    import torch
-
+def _network(bundle, cfg: PipelineConfig):
+    """``cfg.model`` for the dataset's channels, size and classes, from the global RNG."""
     from adaloc.models import build_model as _build
 
-    torch.manual_seed(cfg.seed)
     return _build(
         cfg.model,
         in_channels=bundle.in_channels,
         num_classes=bundle.num_classes,
         image_size=bundle.image_size,
     )
+
+
+@task(name="build model", **LOCAL)
+def build_model(bundle, cfg: PipelineConfig):
+    """A fresh network for the dataset's channels, size and classes (seeded)."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    return _network(bundle, cfg)
 
 
 @task(name="train base", **LOCAL)
@@ -227,11 +232,11 @@ def select_key(model, cfg: PipelineConfig, train):
     return _select(model, cfg.key_spec(), data=train)
 
 
-def hardens(cfg: PipelineConfig) -> bool:
-    """True when :func:`harden` changes ``cfg.model``'s network (a norm-free builder)."""
-    from adaloc.keys import norm_free
+def hardens(model) -> bool:
+    """True when :func:`harden` changes ``model`` (the library has a hardening for it)."""
+    from adaloc.harden import default_hardening
 
-    return norm_free(cfg.model)
+    return default_hardening(model) is not None
 
 
 @task(name="harden", **LOCAL)
@@ -241,17 +246,10 @@ def harden(model, mask, train, bundle, cfg: PipelineConfig):
     and the key-only polish (the public layers carry nothing a linear probe can use); a
     model with norm layers is returned as is."""
     from adaloc.harden import harden_default
-    from adaloc.models import build_model as _build
 
-    def fresh():  # the refill attacker's fresh init, simulated during the training
-        return _build(
-            cfg.model,
-            in_channels=bundle.in_channels,
-            num_classes=bundle.num_classes,
-            image_size=bundle.image_size,
-        )
-
-    return harden_default(model, mask, train, fresh)
+    # the refill attacker's fresh init, simulated during the training (unseeded here: the
+    # training seeds the RNG before each draw)
+    return harden_default(model, mask, train, lambda: _network(bundle, cfg))
 
 
 @task(name="lock", **LOCAL)

@@ -12,11 +12,11 @@ it skipped) or by ``adaloc registry sign-timestamp`` (all of them).
 
 from __future__ import annotations
 
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 
+from registry import chain as C
 from registry import records as R
 from registry import trust as T
 from registry import trust_io as IO
@@ -34,13 +34,6 @@ def signing_key(owner):
     if callable(getter):
         return getter()
     return load_private_key(Path(owner.directory) / OWNER_PRIVATE_FILE)
-
-
-def _upload(reg, run_id: str, folder: str, name: str, data: bytes) -> None:
-    with tempfile.TemporaryDirectory(prefix="adaloc-rec-") as tmp:
-        path = Path(tmp) / name
-        path.write_bytes(data)
-        reg.client.log_artifact(run_id, str(path), folder)
 
 
 def trust_run(reg, owner=None) -> str:
@@ -83,7 +76,7 @@ def _current_root(reg, owner) -> tuple[T.RootSigned, str]:
     run_id = trust_run(reg, owner)
     if IO.root_file(1) not in IO._listed(reg, run_id):
         env = T.sign(T.make_root(reg.model_name, [key]), [key])
-        _upload(reg, run_id, IO.TRUST_DIR, "root-1.json", T.canonical(env))
+        C.upload(reg, run_id, IO.TRUST_DIR, "root-1.json", T.canonical(env))
     root = IO.walk_roots(reg, run_id, anchor) if _anchor_is_v1_signer(reg, run_id, key) else None
     if root is None:
         # owner.pub is not root v1's signer: the keyring was rotated; walk from any key we hold.
@@ -146,149 +139,11 @@ def publish_targets(reg, owner, *, run_id: str, signed: dict) -> dict:
     entry (run, length, sha256) with the envelope as ``record`` (a timestamp head)."""
     env = T.sign(signed, [signing_key(owner)])
     data = T.canonical(env)
-    _upload(reg, run_id, R.KEY_DIR, IO.TARGETS_FILE, data)
+    C.upload(reg, run_id, R.KEY_DIR, IO.TARGETS_FILE, data)
     got = IO.read_artifact(reg, run_id, f"{R.KEY_DIR}/{IO.TARGETS_FILE}", max_bytes=len(data))
     if got != data:
         raise RegistryError(f"stored targets record of run {run_id} differs from what was sent")
-    return {"run_id": run_id, "length": len(data), "sha256": _sha(data), "record": env}
-
-
-def _sha(data: bytes) -> str:
-    from adaloc.formats import sha256_bytes
-
-    return sha256_bytes(data)
-
-
-def _signed_targets(reg, root: T.RootSigned, version: int, run_id: str):
-    """(entry, envelope) of a stored targets record the owner signed for ``version``, or None."""
-    try:
-        data = IO.read_artifact(reg, run_id, f"{R.KEY_DIR}/{IO.TARGETS_FILE}", max_bytes=1 << 20)
-        what = f"targets record of key version {version}"
-        env = T.parse(data, "targets", what)
-        tg = T.verify(env, "targets", T.root_keys(root), 1, what)
-    except (RegistryError, Exception):  # noqa: BLE001 - unsigned/forged versions are skipped
-        return None
-    if tg.model != reg.model_name or tg.key_version != version:
-        return None
-    return {"run_id": run_id, "length": len(data), "sha256": _sha(data)}, env
-
-
-def _ready_targets(reg, root: T.RootSigned, known, *, after: int | None = None, upto=None):
-    """Targets entries of ready key versions not in ``known`` (a predicate) that the owner
-    signed. ``after``/``upto`` bound the search to the numbers in between, asked one by one
-    (a publish: the gap a crashed publication left, usually empty); else every version is
-    listed (``adaloc registry sign-timestamp``: a recovery, O(versions))."""
-    found = {}
-    if after is not None and upto is not None and upto - after <= GAP_SCAN:
-        mvs = []
-        for v in range(after + 1, upto):
-            try:
-                mvs.append(reg.client.get_model_version(reg.key_name, str(v)))
-            except Exception:  # noqa: BLE001 - a missing number is simply not ready
-                continue
-        ready = [mv for mv in mvs if mv.tags.get(R.STATUS) == R.READY]
-        candidates = [(int(mv.version), mv.run_id) for mv in ready]
-    else:
-        candidates = [(kv.version, kv.run_id) for kv in reg.history(with_aliases=False)]
-    for version, run_id in candidates:
-        if known(version) or str(version) in found:
-            continue
-        got = _signed_targets(reg, root, version, run_id)
-        if got is not None:
-            found[str(version)] = {**got[0], "record": got[1]}
-    return found
-
-
-GAP_SCAN = 64  # a publish asks for at most this many skipped numbers one by one
-
-
-def _upload_shard(reg, run_id: str, shard: dict) -> dict:
-    """Store a snapshot shard under its sha256 in the trust run; return its pointer."""
-    data = T.canonical(shard)
-    sha = _sha(data)
-    path = f"{IO.SNAPSHOT_DIR}/{sha}.json"
-    _upload(reg, run_id, IO.SNAPSHOT_DIR, f"{sha}.json", data)
-    pointer = T.ShardPointer(run_id=run_id, path=path, length=len(data), sha256=sha)
-    IO._shards(reg)[sha] = T.parse_shard(data, pointer, reg.model_name, "snapshot shard")
-    return pointer.model_dump()
-
-
-def _append(reg, run_id: str, prev, new: dict) -> tuple[dict | None, int]:
-    """(pointer, count) of the snapshot chain of ``prev`` plus the ``new`` entries.
-
-    Only the newest shard is rewritten (<= SHARD_SIZE entries); a full one starts a new shard
-    that names it. A spec-1 ``prev`` is migrated: its whole list becomes the first shards."""
-    if isinstance(prev, T.TimestampV1):
-        pointer, count, head = None, 0, None
-        new = {**{k: v.model_dump() for k, v in prev.versions.items()}, **new}
-    else:
-        pointer = prev.snapshot.model_dump() if prev and prev.snapshot else None
-        count = prev.count if prev else 0
-        head = IO.read_shard(reg, prev.snapshot, reg.model_name) if pointer else None
-    todo = sorted(new.items(), key=lambda kv: int(kv[0]))
-    while todo:
-        if head is not None and len(head.versions) < T.SHARD_SIZE:
-            room = T.SHARD_SIZE - len(head.versions)
-            chunk, todo = todo[:room], todo[room:]
-            versions = {k: v.model_dump() for k, v in head.versions.items()} | dict(chunk)
-            base_prev = head.prev.model_dump() if head.prev else None
-            shard_no = head.shard
-        else:
-            chunk, todo = todo[: T.SHARD_SIZE], todo[T.SHARD_SIZE :]
-            versions, base_prev = dict(chunk), pointer
-            shard_no = head.shard + 1 if head is not None else 0
-        count += len(chunk)
-        signed = {
-            "_type": "snapshot",
-            "spec": T.SPEC_VERSION,
-            "model": reg.model_name,
-            "shard": shard_no,
-            "count": count,
-            "versions": {k: _entry_only(v) for k, v in versions.items()},
-            "prev": base_prev,
-        }
-        pointer = _upload_shard(reg, run_id, signed)
-        head = IO._shards(reg)[pointer["sha256"]]
-    return pointer, count
-
-
-def _entry_only(entry: dict) -> dict:
-    return {k: entry[k] for k in ("run_id", "length", "sha256")}
-
-
-def _head(reg, root: T.RootSigned, version: int, prev, fresh: dict) -> dict:
-    """The timestamp's head entry of ``version``: targets pointer + the record itself."""
-    e = fresh.get(str(version))
-    if e is not None and "record" in e:
-        return e
-    if prev is not None and not isinstance(prev, T.TimestampV1) and str(version) in prev.heads:
-        return prev.heads[str(version)].model_dump()
-    if e is None:
-        e = _lookup(reg, prev, version)
-    if e is None:
-        raise NotFoundError(
-            f"key version {version} of {reg.model_name!r} has no owner-signed targets record"
-        )
-    e = _entry_only(e)
-    what = f"targets record of key version {version}"
-    data = IO.read_artifact(
-        reg, e["run_id"], f"{R.KEY_DIR}/{IO.TARGETS_FILE}", max_bytes=e["length"],
-        sha256=e["sha256"], length=e["length"], label=what,
-    )  # fmt: skip
-    env = T.parse(data, "targets", what)
-    T.verify(env, "targets", T.root_keys(root), 1, what)
-    return {**e, "record": env}
-
-
-def _lookup(reg, prev, version: int) -> dict | None:
-    """The entry ``prev`` signed for ``version`` (heads, then shards), as a dict, or None."""
-    if prev is None:
-        return None
-    if isinstance(prev, T.TimestampV1):
-        got = prev.versions.get(str(version))
-    else:
-        got = IO.version_entry(reg, prev, version)  # > latest: no shard is read
-    return None if got is None else _entry_only(got.model_dump())
+    return {"run_id": run_id, "length": len(data), "sha256": C.sha256_of(data), "record": env}
 
 
 def sign_timestamp(
@@ -320,17 +175,17 @@ def sign_timestamp(
         prev = _previous(reg, owner, root, run_id)
         prev_ts = prev[1] if prev else carry
         chain_of = None if rebuild else prev_ts
-        new = {v: e for v, e in extra.items() if rebuild or _lookup(reg, chain_of, int(v)) is None}
+        new = {v: e for v, e in extra.items() if rebuild or C.lookup(reg, chain_of, int(v)) is None}
         if scan and not rebuild:
             latest = _latest(chain_of)
             numbers = [int(v) for v in extra]
             bound = {"after": latest or 0, "upto": max(numbers)} if numbers else {}
 
             def listed(v, chain_of=chain_of, new=new):
-                return str(v) in new or _lookup(reg, chain_of, v) is not None
+                return str(v) in new or C.lookup(reg, chain_of, v) is not None
 
-            new.update(_ready_targets(reg, root, listed, **bound))
-        pointer, count = _append(reg, run_id, chain_of, new)
+            new.update(C.ready_targets(reg, root, listed, **bound))
+        pointer, count = C.append(reg, run_id, chain_of, new)
         latest = max([int(v) for v in new] + ([_latest(chain_of)] if _latest(chain_of) else []),
                      default=None)  # fmt: skip
         all_aliases = {**(prev_ts.aliases if prev_ts else {}), **(aliases or {})}
@@ -339,7 +194,8 @@ def sign_timestamp(
         if promo is not None:
             wanted.add(int(promo["signed"]["key_version"]))
         head_src = None if rebuild else chain_of
-        heads = {str(v): _head(reg, root, v, head_src, {**extra, **new}) for v in sorted(wanted)}
+        fresh = {**extra, **new}
+        heads = {str(v): C.head_entry(reg, root, v, head_src, fresh) for v in sorted(wanted)}
         counter = max((prev_ts.counter + 1) if prev_ts else 1, int(time.time()))
         signed = {
             "_type": "timestamp",
@@ -358,7 +214,7 @@ def sign_timestamp(
         }
         env = T.sign(signed, [signing_key(owner)])
         data = T.canonical(env)
-        _upload(reg, run_id, IO.TRUST_DIR, IO.TIMESTAMP_FILE, data)
+        C.upload(reg, run_id, IO.TRUST_DIR, IO.TIMESTAMP_FILE, data)
         atomic_write_bytes(Path(owner.directory) / LOCAL_TIMESTAMP, data)
         # A concurrent publisher may have overwritten ours with a list lacking our versions:
         # read back, and sign again until the stored record holds everything we know of.
@@ -409,10 +265,10 @@ def promote(
     entry = (extra_versions or {}).get(str(version))
     if entry is None:
         prev = _previous(reg, owner, root, run_id)
-        entry = _lookup(reg, prev[1] if prev else None, version)
+        entry = C.lookup(reg, prev[1] if prev else None, version)
         if entry is None:
             kv = reg.resolve(version, with_metrics=False)
-            got = _signed_targets(reg, root, version, kv.run_id)
+            got = C.signed_targets(reg, root, version, kv.run_id)
             entry = got[0] if got else None
     if entry is None:
         raise NotFoundError(
@@ -431,7 +287,7 @@ def promote(
     )
     tg_env = T.parse(data, "targets", what)
     tg = T.verify(tg_env, "targets", T.root_keys(root), 1, what)
-    entry = {**_entry_only(entry), "record": tg_env}
+    entry = {**C.entry_only(entry), "record": tg_env}
     if not tg.gate.passed and not gate_override:
         raise TrustError(
             f"key version {version} failed the quality gate (signed verdict); pass "
@@ -495,7 +351,7 @@ def rotate_root(
     new_root = T.next_root(root, env, f"root record v{root.version + 1}")
     reg.__dict__.pop("_roots", None)  # the cached chain ends one root too early now
     prev = _previous(reg, old_owner, root, run_id)
-    _upload(reg, run_id, IO.TRUST_DIR, f"root-{new_root.version}.json", T.canonical(env))
+    C.upload(reg, run_id, IO.TRUST_DIR, f"root-{new_root.version}.json", T.canonical(env))
     versions, carry, promotion = {}, None, None
     if prev:
         carry = prev[1]

@@ -59,7 +59,7 @@ def lock_flow(
     mask = T.select_key(model, cfg, stages[0].train)
     if token is None:
         model = T.harden(model, mask, stages[0].train, bundle, cfg)
-    elif T.hardens(cfg):  # the probe objective trains on unstamped inputs: not with M-LOCK
+    elif T.hardens(model):  # the probe objective trains on unstamped inputs: not with M-LOCK
         log.warning("%s with a token: the norm-free hardening is skipped", cfg.model)
     base, key = T.lock_model(model, mask, cfg.seed)
     metrics = T.evaluate(base, key, stages[0].test, version=1, seed=cfg.seed)

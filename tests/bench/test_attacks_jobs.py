@@ -14,7 +14,7 @@ from adaloc.evaluate import accuracy
 from tests.adaloc.conftest import quadrant_images, tiny_net
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from attacks import Job, run_jobs  # noqa: E402
+from attacks_jobs import Job, run_jobs  # noqa: E402
 
 SPACE = SearchSpace(grid=(("adam", 3e-3),), steps=30, checkpoints=2)
 

@@ -153,7 +153,7 @@ def test_rotation_and_two_key_promotion(tmp_path, locked):
 def test_snapshot_shards_chain_and_spec1_migration(tmp_path, locked, monkeypatch):
     """Versions beyond the heads come from hash-chained shards (tamper one: refused, nothing
     installed); a spec-1 timestamp is refused in one line until the owner re-signs it."""
-    from registry import release
+    from registry import chain, release
     from registry import trust_io as IO
     from registry.errors import IntegrityError
 
@@ -192,7 +192,7 @@ def test_snapshot_shards_chain_and_spec1_migration(tmp_path, locked, monkeypatch
         "versions": {v: e.model_dump() for v, e in IO.all_entries(reg, ts).items()},
     }  # fmt: skip
     data = T.canonical(T.sign(old, [release.signing_key(owner)]))
-    release._upload(reg, run_id, IO.TRUST_DIR, IO.TIMESTAMP_FILE, data)
+    chain.upload(reg, run_id, IO.TRUST_DIR, IO.TIMESTAMP_FILE, data)
     (tmp_path / "owner" / release.LOCAL_TIMESTAMP).write_bytes(data)
     with pytest.raises(TrustError, match="spec 1") as err:
         Site(fresh).pull("2")
