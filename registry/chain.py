@@ -159,3 +159,22 @@ def lookup(reg, prev, version: int) -> dict | None:
     else:
         got = IO.version_entry(reg, prev, version)  # > latest: no shard is read
     return None if got is None else entry_only(got.model_dump())
+
+
+def upload_head_keys(reg, run_id: str, refs: dict[str, int], prev_refs: dict[str, int],
+                     heads: dict) -> None:  # fmt: skip
+    """Copy the sealed key of each head whose version moved to its fixed path in the trust
+    run (``IO.head_key_path``), before the timestamp that names it is signed, so that a site
+    can ask for the key in the same round as the timestamp. Transport only: a site checks a
+    copy against the signed head and falls back to the version's own key when it differs."""
+    for ref, version in sorted(refs.items()):
+        head = heads.get(str(version))
+        if prev_refs.get(ref) == version or head is None:
+            continue
+        k = head["record"]["signed"]["files"][R.SEALED_FILE]
+        data = IO.read_artifact(
+            reg, k["run_id"], k["path"], max_bytes=k["length"], sha256=k["sha256"],
+            length=k["length"], label=f"sealed key of v{version}",
+        )  # fmt: skip
+        folder, name = IO.head_key_path(ref).rsplit("/", 1)
+        upload(reg, run_id, folder, name, data)

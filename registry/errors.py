@@ -37,6 +37,10 @@ class VersionConflictError(RegistryError):
     """Key version N exists with different content; published versions never change."""
 
 
+class NotModifiedError(RegistryError):
+    """A conditional download found the file unchanged since this process last fetched it."""
+
+
 class UnavailableError(RegistryError):
     """The tracking server or artifact store cannot be reached (site works from cache)."""
 

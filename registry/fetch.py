@@ -4,7 +4,10 @@ MLflow's ``download_artifacts`` reads a file to its end, whatever its size, so a
 writer could feed a site endless data. Here each file is streamed through the same
 artifact repository MLflow would use, and the stream is cut one byte after ``max_bytes``:
   - ``mlflow-artifacts:`` / http(s) (proxied by ``mlflow server``): a streamed GET, or for
-    files >= 1 MiB a ranged GET of a presigned URL when the server offers them
+    files >= 1 MiB a ranged GET of a presigned URL when the server offers them. A reader of a
+    file at a fixed path (the timestamp, a head's key copy) passes a ``urls`` cache: its
+    presigned URL is kept until shortly before it expires and reused, small files included,
+    so a long-lived site reads them straight from the bucket in one request
   - ``s3://``: a ranged GetObject (the endpoint never sends more than the range)
   - local paths / ``file://``: a bounded read
 Other schemes fall back to MLflow's download plus a size check afterwards.
@@ -19,7 +22,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from registry.errors import IntegrityError, LimitError, RegistryError, UnavailableError
+from registry.errors import (
+    IntegrityError,
+    LimitError,
+    NotModifiedError,
+    RegistryError,
+    UnavailableError,
+)
 from registry.progress import Progress
 
 CHUNK = 1 << 20
@@ -27,6 +36,8 @@ CHUNK = 1 << 20
 # set; three attempts with a short backoff are all a pull should spend on a flaky link).
 ATTEMPTS, BACKOFF_S = 3, (0.5, 2.0)
 DIRECT_MIN_BYTES = 1 << 20  # smaller files come through the server's proxy (one request)
+URL_MARGIN_S = 30.0  # a cached presigned URL is not used in its last seconds (clock skew)
+_BACKGROUND = None  # one thread that asks for presigned URLs of small fixed-path files
 _DIRECT_OK: dict[str, bool] = {}  # server host -> offers presigned downloads
 _SESSION = None  # one keep-alive session for presigned GETs (no TCP set-up per file)
 
@@ -48,40 +59,128 @@ def _repo(artifact_dir: str, tracking_uri: str | None, registry_uri: str | None)
     )
 
 
-def _direct(repo, name: str, max_bytes: int):
-    """A presigned GET straight from the bucket (capped by a Range header), or None when the
-    server offers none. Large files only: through the proxy they cross the network twice
-    (bucket -> server, whole, then server -> client); MLflow's own download of large files
-    takes this route too (``MlflowArtifactsRepository._download_file``), whose private
-    helpers are reused because MLflow has no public streamed variant."""
-    from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+def _background():
+    global _BACKGROUND
+    if _BACKGROUND is None:
+        from concurrent.futures import ThreadPoolExecutor
 
-    if max_bytes < DIRECT_MIN_BYTES or not isinstance(repo, MlflowArtifactsRepository):
-        return None
+        _BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaloc-presign")
+    return _BACKGROUND
+
+
+def _expiry(url: str) -> float | None:
+    """Epoch seconds when a SigV4 (S3, MinIO) or GCS V4 presigned URL expires, else None."""
+    from datetime import UTC, datetime
+    from urllib.parse import parse_qs, urlsplit
+
+    q = parse_qs(urlsplit(url).query)
+    for date, ttl in (("X-Amz-Date", "X-Amz-Expires"), ("X-Goog-Date", "X-Goog-Expires")):
+        if date in q and ttl in q:
+            try:
+                at = datetime.strptime(q[date][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+                return at.timestamp() + int(q[ttl][0])
+            except ValueError:
+                return None
+    return None
+
+
+def _presign(repo, name: str, urls: dict | None, key: str):
+    signed = repo._get_presigned_download_url(name)
+    if urls is not None and (expires := _expiry(signed.url)) is not None:
+        urls[key] = {"url": signed.url, "headers": dict(signed.headers or {}), "expires": expires}
+    return signed
+
+
+def _offers_direct(repo) -> bool:
     host = repo._host_creds.host
     if host not in _DIRECT_OK:  # one /server-info request per server and process
         try:
             _DIRECT_OK[host] = bool(repo._is_multipart_download_enabled())
         except Exception:  # noqa: BLE001 - an older or odd server: the proxy serves it
             _DIRECT_OK[host] = False
-    if not _DIRECT_OK[host]:
+    return _DIRECT_OK[host]
+
+
+def _get(url: str, headers: dict, max_bytes: int, etag: str | None = None):
+    headers = {**headers, "Range": f"bytes=0-{max_bytes}"}
+    if etag:
+        headers["If-None-Match"] = etag
+    return _session().get(url, headers=headers, stream=True, timeout=60)
+
+
+def _cached(urls: dict | None, key: str, max_bytes: int, conditional: bool):
+    """The response of a GET of the cached presigned URL of ``key``, or None (no usable URL,
+    or the bucket refused it: dropped). NotModifiedError when ``conditional`` and the file
+    still has the ETag this process last read."""
+    hit = urls.get(key) if urls is not None else None
+    if hit is None or hit["expires"] - time.time() < URL_MARGIN_S:
         return None
     try:
-        signed = repo._get_presigned_download_url(name)
-        resp = _session().get(
-            signed.url, headers={**(signed.headers or {}), "Range": f"bytes=0-{max_bytes}"},
-            stream=True, timeout=60,
-        )  # fmt: skip
-        resp.raise_for_status()
-    except Exception:  # noqa: BLE001 - no presigned URL for this file: the proxy serves it
+        resp = _get(hit["url"], hit["headers"], max_bytes, hit.get("etag") if conditional else None)
+    except Exception:  # noqa: BLE001 - the bucket is unreachable: the server may still serve
+        urls.pop(key, None)
         return None
+    if resp.status_code == 304:
+        resp.close()
+        raise NotModifiedError(f"{key} is unchanged since it was last read")
+    if resp.status_code not in (200, 206):
+        resp.close()
+        urls.pop(key, None)  # expired early, revoked credentials, moved: ask the server again
+        return None
+    hit["etag"] = resp.headers.get("ETag")
     return resp
 
 
-def _http_chunks(repo, name: str, max_bytes: int, probe: bool = False):
+def _direct(repo, name: str, max_bytes: int, urls: dict | None = None, conditional=False):
+    """A presigned GET straight from the bucket (capped by a Range header), or None when the
+    server offers none. Large files only, unless ``urls`` holds a valid presigned URL of
+    the file: through the proxy they cross the network twice (bucket -> server, whole,
+    then server -> client); MLflow's own download of large files takes this route too
+    (``MlflowArtifactsRepository._download_file``), whose private helpers are reused
+    because MLflow has no public streamed variant. With ``urls`` (a fixed-path file) the
+    URL is kept; for a small file it is asked for in the background for the next read."""
+    from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+
+    if not isinstance(repo, MlflowArtifactsRepository):
+        return None
+    key = f"{repo.artifact_uri.rstrip('/')}/{name}"
+    if (resp := _cached(urls, key, max_bytes, conditional)) is not None:
+        return resp
+    if max_bytes < DIRECT_MIN_BYTES:
+        if urls is not None and key not in urls:
+            urls[key] = {"url": "", "headers": {}, "expires": 0.0}  # asked for once at a time
+            _background().submit(_refresh, repo, name, urls, key)
+        return None
+    if not _offers_direct(repo):
+        return None
+    try:
+        signed = _presign(repo, name, urls, key)
+        resp = _get(signed.url, signed.headers or {}, max_bytes)
+        resp.raise_for_status()
+    except Exception:  # noqa: BLE001 - no presigned URL for this file: the proxy serves it
+        return None
+    if urls is not None and key in urls:
+        urls[key]["etag"] = resp.headers.get("ETag")
+    return resp
+
+
+def _refresh(repo, name: str, urls: dict, key: str) -> None:
+    try:
+        if _offers_direct(repo):
+            _presign(repo, name, urls, key)
+            return
+    except Exception:  # noqa: BLE001 - a cache fill: the proxy keeps serving the file
+        pass
+    if not urls.get(key, {}).get("url"):
+        urls.pop(key, None)
+
+
+def _http_chunks(
+    repo, name: str, max_bytes: int, probe: bool = False, urls=None, conditional=False
+):
     from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
 
-    direct = _direct(repo, name, max_bytes)
+    direct = _direct(repo, name, max_bytes, urls, conditional)
     if direct is not None:
         try:
             yield from direct.iter_content(chunk_size=CHUNK)
@@ -102,7 +201,7 @@ def _http_chunks(repo, name: str, max_bytes: int, probe: bool = False):
         resp.close()
 
 
-def _s3_chunks(repo, name: str, max_bytes: int, probe: bool = False):
+def _s3_chunks(repo, name: str, max_bytes: int, probe: bool = False, **_):
     bucket, prefix = repo.parse_s3_compliant_uri(repo.artifact_uri)
     body = repo._get_s3_client().get_object(
         Bucket=bucket, Key=posixpath.join(prefix, name), Range=f"bytes=0-{max_bytes}"
@@ -114,13 +213,13 @@ def _s3_chunks(repo, name: str, max_bytes: int, probe: bool = False):
         body.close()
 
 
-def _local_chunks(repo, name: str, max_bytes: int, probe: bool = False):
+def _local_chunks(repo, name: str, max_bytes: int, probe: bool = False, **_):
     with open(Path(repo.artifact_dir) / name, "rb") as f:
         while chunk := f.read(min(CHUNK, max_bytes + 1)):
             yield chunk
 
 
-def _fallback_chunks(repo, name: str, max_bytes: int, probe: bool = False):
+def _fallback_chunks(repo, name: str, max_bytes: int, probe: bool = False, **_):
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,6 +260,8 @@ def fetch(
     progress: Progress | None = None,
     attempts: int = ATTEMPTS,
     durable: bool = True,
+    urls: dict | None = None,
+    conditional: bool = False,
 ) -> Path:
     """Stream ``artifact_uri`` to ``dst`` (0600), at most ``max_bytes``; check length/sha256.
 
@@ -168,6 +269,9 @@ def fetch(
     UnavailableError after ``attempts`` tries on transport errors (1: a probe that may miss).
     ``durable=False`` skips the fsync: for temp files and caches whose every read re-checks
     the signed hash (a torn file after a crash is refused and fetched again).
+    ``urls``: a per-reader cache of presigned URLs for files at fixed paths (see the module
+    docstring); ``conditional``: with a cached URL, NotModifiedError when the file has the
+    ETag last read through it (a poll that finds nothing new moves no bytes).
     """
     directory, name = artifact_uri.rstrip("/").rsplit("/", 1)
     what = label or name
@@ -184,6 +288,8 @@ def fetch(
                 progress,
                 attempts == 1,
                 durable,
+                urls,
+                conditional,
             )
         except RegistryError:
             raise
@@ -200,15 +306,18 @@ def fetch(
 
 
 def _fetch_once(
-    repo, name, dst, max_bytes, expect_sha256, expect_length, what, progress, probe, durable
-):
+    repo, name, dst, max_bytes, expect_sha256, expect_length, what, progress, probe, durable,
+    urls=None, conditional=False,
+):  # fmt: skip
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     digest, done = hashlib.sha256(), 0
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in _chunks_for(repo)(repo, name, max_bytes, probe):
+            chunks = _chunks_for(repo)(repo, name, max_bytes, probe, urls=urls,
+                                       conditional=conditional)  # fmt: skip
+            for chunk in chunks:
                 done += len(chunk)
                 if done > max_bytes:
                     raise LimitError(

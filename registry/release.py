@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 from registry import chain as C
 from registry import records as R
@@ -196,6 +197,8 @@ def sign_timestamp(
         head_src = None if rebuild else chain_of
         fresh = {**extra, **new}
         heads = {str(v): C.head_entry(reg, root, v, head_src, fresh) for v in sorted(wanted)}
+        refs = IO.head_refs(SimpleNamespace(aliases=all_aliases, latest=latest, promotion=promo))
+        C.upload_head_keys(reg, run_id, refs, IO.head_refs(prev_ts) if prev_ts else {}, heads)
         counter = max((prev_ts.counter + 1) if prev_ts else 1, int(time.time()))
         signed = {
             "_type": "timestamp",

@@ -22,6 +22,12 @@ def _uris(store) -> dict[str, str]:
     return store.__dict__.setdefault("_artifact_uris", {})
 
 
+def url_cache(store) -> dict:
+    """This store's presigned URLs of fixed-path files (see :mod:`registry.fetch`): a long-lived
+    site keeps them, a new process asks again."""
+    return store.__dict__.setdefault("_presigned_urls", {})
+
+
 def experiment(store) -> tuple[str, str] | None:
     """(id, artifact location) of the model's experiment, or None; asked once per store."""
     got = store.__dict__.get("_read_experiment")

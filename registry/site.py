@@ -277,29 +277,39 @@ class Site(SiteInstalled):
         # Local files first: a damaged site.key fails before anything is fetched or written.
         F.load_site_key(self.directory / SITE_PRIVATE_FILE)
         seconds, t0 = {}, time.perf_counter()
-        ts, root = self._signed_state(allow_rollback)
-        reg = self.registry()
-        version = IO.resolve_ref(ts, root, ref)
-        records = RC.RecordCache(self.directory / RC.RECORDS_DIR)
-        entry = self._online(
-            "read snapshot", lambda: IO.version_entry(reg, ts, version, cache=records)
-        )
-        # A head (latest / production / alias) carries its targets record in the timestamp:
-        # the key is the next and last request. Other versions: the key is prefetched while
-        # their targets record is read.
-        prefetch = (
-            entry is not None
-            and not isinstance(entry, T.HeadEntry)
-            and KeyPrefetch.start(
-                reg, self.directory / "cache" / "keys", version, entry.run_id, self.installed()
-            )
-        )
+        keys_dir = self.directory / "cache" / "keys"
+        # A head by name (latest / production / alias): its key copy is asked for in the same
+        # round as the timestamp. Other versions: the key is prefetched while their targets
+        # record is read. Either is used only when it matches the signed entry.
+        head = self._head_prefetch(keys_dir, ref)
+        prefetch = None
         try:
+            ts, root = self._signed_state(allow_rollback)
+            reg = self.registry()
+            version = IO.resolve_ref(ts, root, ref)
+            records = RC.RecordCache(self.directory / RC.RECORDS_DIR)
+            entry = self._online(
+                "read snapshot", lambda: IO.version_entry(reg, ts, version, cache=records)
+            )
+            if isinstance(entry, T.HeadEntry):
+                prefetch = head
+            elif entry is not None:
+                prefetch = KeyPrefetch.start(reg, keys_dir, version, entry.run_id, self.installed())
             return self._pull_version(ref, allow_rollback, progress, ts, root, version,
                                       seconds, t0, prefetch, entry, records)  # fmt: skip
         finally:
-            if prefetch:
-                prefetch.close()
+            for p in {id(x): x for x in (head, prefetch) if x}.values():
+                p.close()
+
+    def _head_prefetch(self, keys_dir: Path, ref) -> KeyPrefetch | None:
+        if IO.head_key_path(ref) is None:
+            return None
+        try:
+            reg = self.registry()  # (sets the hint: the trust run the last pull read)
+            state = self.installed()
+        except RegistryError:
+            return None  # the same error is raised, in its order, by the pull itself
+        return KeyPrefetch.start_head(reg, keys_dir, ref, (self._hint or (None,))[0], state)
 
     def _pull_version(
         self, ref, allow_rollback, progress, ts, root, version, seconds, t0, prefetch, entry,

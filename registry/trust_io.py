@@ -12,6 +12,7 @@ A version's targets pointer comes from the timestamp's heads, else from the snap
 
 from __future__ import annotations
 
+import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +29,32 @@ TRUST_DIR = "trust"
 TIMESTAMP_FILE = "timestamp.json"
 SNAPSHOT_DIR = f"{TRUST_DIR}/snapshots"
 TARGETS_FILE = "targets.json"
+HEADS_DIR = f"{TRUST_DIR}/heads"  # <ref>.sealed: a copy of the sealed key each head names
 MAX_TRUST_RUNS = 8  # a reader tries at most this many candidate trust runs
+
+
+HEAD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+
+
+def head_key_path(ref) -> str | None:
+    """Where the owner keeps a copy of the sealed key that head ``ref`` (latest, production,
+    an alias) names, in its trust run; None for a version number. A copy is transport only:
+    a site uses it when its bytes have the signed length and sha256 of the key the verified
+    timestamp's head names, else it fetches the key from the version's run."""
+    ref = str(ref).strip()
+    if not HEAD_NAME.fullmatch(ref) or re.fullmatch(r"[vV]\d+", ref):
+        return None
+    return f"{HEADS_DIR}/{ref}.sealed"
+
+
+def head_refs(ts) -> dict[str, int]:
+    """Head name -> version of a timestamp (latest, production, aliases) with a copy path."""
+    refs = dict(getattr(ts, "aliases", None) or {})
+    if getattr(ts, "latest", None):
+        refs["latest"] = ts.latest
+    if getattr(ts, "promotion", None):
+        refs["production"] = int(ts.promotion["signed"]["key_version"])
+    return {r: int(v) for r, v in refs.items() if head_key_path(r) is not None}
 
 
 def root_file(version: int) -> str:
@@ -46,13 +72,15 @@ def read_artifact(
     length: int | None = None,
     label: str | None = None,
     attempts: int = ATTEMPTS,
+    fixed: bool = False,
 ) -> bytes:
-    """Bytes of ``path`` in run ``run_id``, capped at ``max_bytes`` (and hash-checked if given)."""
+    """Bytes of ``path`` in run ``run_id``, capped at ``max_bytes`` (and hash-checked if given).
+    ``fixed``: a file the owner rewrites in place (its presigned URL is kept per store)."""
     with tempfile.TemporaryDirectory(prefix="adaloc-rec-") as tmp:
         got = run_io.fetch_file(
             store, run_id, path, Path(tmp) / Path(path).name, max_bytes=max_bytes,
             expect_sha256=sha256, expect_length=length, label=label or path, attempts=attempts,
-            durable=False,
+            durable=False, urls=run_io.url_cache(store) if fixed else None,
         )  # fmt: skip
         return got.read_bytes()
 
@@ -104,7 +132,12 @@ def _probe_timestamp(store, run_id: str, legacy: bool = False) -> bytes | None:
     """The run's timestamp bytes in one try, or None (absent, or a transient error)."""
     try:
         return read_artifact(
-            store, run_id, f"{TRUST_DIR}/{TIMESTAMP_FILE}", max_bytes=_cap(legacy), attempts=1
+            store,
+            run_id,
+            f"{TRUST_DIR}/{TIMESTAMP_FILE}",
+            max_bytes=_cap(legacy),
+            attempts=1,
+            fixed=True,
         )
     except RegistryError:
         return None
