@@ -209,6 +209,12 @@ def _server_rtt(tracking_uri: str, n: int = 7) -> float:
     return statistics.median(out)
 
 
+def _url_ttl() -> int:
+    from mlflow.environment_variables import MLFLOW_PRESIGNED_DOWNLOAD_URL_TTL_SECONDS
+
+    return MLFLOW_PRESIGNED_DOWNLOAD_URL_TTL_SECONDS.get()
+
+
 def _ready_sha(served) -> str:
     """sha256 of the state a served module answers with (checked untimed)."""
     return state_sha256(served.model.state_dict())
@@ -258,7 +264,8 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
             site.pull("production")
             served = swap_key(served, site)
             version += 1
-            cold, warm, wire_key, phases, apply_s = [], [], [], {}, {"cold": [], "warm": []}
+            cold, warm, wire_key, apply_s = [], [], [], {"cold": [], "warm": []}
+            phases: dict = {"cold": {}, "warm": {}}
             calls = {"cold": [], "warm": []}
             for mode in ("cold", "warm"):
                 for _ in range(n):
@@ -281,8 +288,7 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
                     wire_key.append(received() - before if received else None)
                     assert ready.version == version, (ready.version, version)
                     assert _ready_sha(ready) == info["shas"][version], "served model differs"
-                    if mode == "cold":
-                        phases = r.seconds
+                    phases[mode] = r.seconds
                     key_bytes = r.bytes_key + r.bytes_base
                     version += 1
             full, wire_full, full_calls = [], [], []
@@ -315,7 +321,11 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
                 "full_download_load_s": full_s,
                 "speedup_cold": full_s / cold_s,
                 "speedup_warm": full_s / warm_s,
-                "pull_phases_s": phases,
+                "pull_phases_s": phases["cold"],
+                "pull_phases_warm_s": phases["warm"],
+                # A long-lived site reuses presigned URLs of fixed-path files (timestamp, a
+                # head's key copy) until shortly before they expire: the server's TTL.
+                "presigned_url_ttl_s": _url_ttl(),
                 "server_rest_call_s": info["server_rtt_s"],
                 "requests_per_update": {"cold": max(calls["cold"]), "warm": max(calls["warm"])},
                 "requests_per_full_download": max(full_calls),

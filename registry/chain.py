@@ -6,13 +6,16 @@ that points at them; :mod:`registry.trust_io` reads and verifies them on a site.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
 from registry import records as R
 from registry import trust as T
 from registry import trust_io as IO
-from registry.errors import NotFoundError, RegistryError
+from registry.errors import IntegrityError, NotFoundError, RegistryError
+
+log = logging.getLogger(__name__)
 
 
 def upload(reg, run_id: str, folder: str, name: str, data: bytes) -> None:
@@ -166,15 +169,21 @@ def upload_head_keys(reg, run_id: str, refs: dict[str, int], prev_refs: dict[str
     """Copy the sealed key of each head whose version moved to its fixed path in the trust
     run (``IO.head_key_path``), before the timestamp that names it is signed, so that a site
     can ask for the key in the same round as the timestamp. Transport only: a site checks a
-    copy against the signed head and falls back to the version's own key when it differs."""
+    copy against the signed head and falls back to the version's own key when it differs.
+    A version whose stored key no longer matches its signed hash gets no copy (a warning):
+    the promotion stands, and every site refuses that version from its own path."""
     for ref, version in sorted(refs.items()):
         head = heads.get(str(version))
         if prev_refs.get(ref) == version or head is None:
             continue
         k = head["record"]["signed"]["files"][R.SEALED_FILE]
-        data = IO.read_artifact(
-            reg, k["run_id"], k["path"], max_bytes=k["length"], sha256=k["sha256"],
-            length=k["length"], label=f"sealed key of v{version}",
-        )  # fmt: skip
+        try:
+            data = IO.read_artifact(
+                reg, k["run_id"], k["path"], max_bytes=k["length"], sha256=k["sha256"],
+                length=k["length"], label=f"sealed key of v{version}",
+            )  # fmt: skip
+        except IntegrityError as e:
+            log.warning("no fixed-path copy of the %s key: %s", ref, e)
+            continue
         folder, name = IO.head_key_path(ref).rsplit("/", 1)
         upload(reg, run_id, folder, name, data)

@@ -167,3 +167,48 @@ def _row_shape(t: torch.Tensor) -> tuple[int, ...]:
     from adaloc.keys import rows_view
 
     return (rows_view(t, "row").shape[1],)
+
+
+def test_head_key_copy_is_used_when_it_matches_the_signed_head_and_ignored_when_not(
+    tmp_path, monkeypatch
+):
+    """A pull of ``production`` reads the owner's copy of the head's sealed key (asked for
+    beside the timestamp) instead of the version's own key; a copy that differs from the
+    signed head (tampered, or not yet rewritten) is dropped and the version's key fetched."""
+    from registry import chain as C
+    from registry import run_io
+    from registry import trust_io as IO
+    from registry.release import trust_run
+
+    lm = make_locked(tmp_path, seed=5, versions=3)
+    tracking, artifacts = embedded_uris(tmp_path / "reg")
+    reg = KeyRegistry(tracking, "headcopy", artifact_location=artifacts)
+    owner = OwnerKeyring.init(tmp_path / "owner")
+    site = Site.init(tmp_path / "site", site_id="s1", tracking_uri=tracking,
+                     model_name="headcopy", owner_public_pem=owner.owner_public_pem)  # fmt: skip
+    owner.add_site("s1", site.public_key_pem)
+    reg.publish_base(lm.base_dir, base_sha256=lm.base_sha256)
+    publish(reg, lm, owner, 1, aliases=("production",))
+    assert site.pull().version == 1
+    read, original = [], run_io.fetch_file
+
+    def spy(store, run_id, path, dst, **kw):
+        read.append(path)
+        return original(store, run_id, path, dst, **kw)
+
+    monkeypatch.setattr(run_io, "fetch_file", spy)
+    publish(reg, lm, owner, 2, parent=1, aliases=("production",))
+    read.clear()
+    r = site.pull("production")
+    assert (r.version, r.model_sha256, r.changed) == (2, lm.model_sha256[2], True)
+    assert IO.head_key_path("production") in read and "key/key.sealed" not in read
+    # The copy replaced by other bytes after v3's timestamp was signed: refused, v3 installed.
+    publish(reg, lm, owner, 3, parent=2, aliases=("production",))
+    copy = IO.head_key_path("production").rsplit("/", 1)
+    C.upload(reg, trust_run(reg, owner), copy[0], copy[1], b"\0" * 4096)
+    read.clear()
+    r = site.pull("production")
+    assert (r.version, r.model_sha256, r.changed) == (3, lm.model_sha256[3], True)
+    assert IO.head_key_path("production") in read and "key/key.sealed" in read
+    assert not list((site.directory / "cache/keys").glob(".*prefetch*"))
+    assert IO.head_key_path(3) is None and IO.head_key_path("v3") is None
