@@ -37,6 +37,17 @@ from pydantic import BaseModel
 
 log = logging.getLogger("adaloc.serve")
 LOCALHOST = ("127.0.0.1", "::1", "localhost")
+# What a pull imports that loading an installed model does not: MLflow's client and artifact
+# repositories take seconds to import, which the first hot swap after a start used to pay.
+PULL_MODULES = (
+    "registry.store",
+    "registry.fetch",
+    "registry.run_io",
+    "mlflow.store.artifact.artifact_repository_registry",
+    "mlflow.store.artifact.mlflow_artifacts_repo",
+    "mlflow.store.artifact.s3_artifact_repo",
+    "mlflow.utils.rest_utils",
+)
 
 
 class PredictRequest(BaseModel):
@@ -79,6 +90,7 @@ class ModelServer:
         self.swap_lock = threading.Lock()  # one pull + swap at a time
         self.last_refusal: dict | None = None
         self.last_swap: dict | None = None
+        self.pull_path_ready = threading.Event()  # set once warm_pull_path has imported it
         self.metrics = Metrics()
 
     def load(self) -> None:
@@ -133,6 +145,18 @@ class ModelServer:
                 log.info("swapped key version %s -> %d in %.3f s", before, new.version, seconds)
             return {"changed": changed, "key_version": new.version, "previous": before}
 
+    def warm_pull_path(self) -> None:
+        """Import the pull path while requests are served, so the first swap is not slower."""
+        import importlib
+
+        for name in PULL_MODULES:
+            try:
+                importlib.import_module(name)
+            except ImportError as err:  # the pull itself will say what is missing
+                log.warning("pull path not warmed: %s", err)
+                return
+        self.pull_path_ready.set()
+
     def poll_forever(self, interval_s: float, stop: threading.Event) -> None:
         """Pull every ``interval_s`` seconds until ``stop`` is set."""
         while not stop.wait(interval_s):
@@ -153,6 +177,7 @@ def create_app(server: ModelServer, *, poll_s: float = 0.0) -> FastAPI:
         except Exception as err:  # noqa: BLE001 - /healthz says why; the poller retries
             server.last_refusal = {"at": _now(), "reason": str(err).splitlines()[0], "served": None}
             log.warning("no model loaded yet: %s", server.last_refusal["reason"])
+        threading.Thread(target=server.warm_pull_path, name="warm-pull", daemon=True).start()
         poller = None
         if poll_s > 0:
             poller = threading.Thread(target=server.poll_forever, args=(poll_s, stop), daemon=True)
@@ -185,6 +210,7 @@ def create_app(server: ModelServer, *, poll_s: float = 0.0) -> FastAPI:
             "token": cur.token is not None,
             "input_shape": list(cur.card.input_shape),
             "last_swap": server.last_swap,
+            "pull_path_ready": server.pull_path_ready.is_set(),
         }
 
     @app.post("/predict")

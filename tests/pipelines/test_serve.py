@@ -181,6 +181,10 @@ def test_hot_swap_under_load_and_refused_tamper(world, server, s3_endpoint):
     assert health["key_version"] == 1
     version = httpx.get(f"{url}/version", timeout=10).json()
     assert version["key_version"] == 1 and version["base_sha256"] == owner.base_sha256
+    deadline = time.monotonic() + 60  # the pull path is imported in the background after start
+    while not httpx.get(f"{url}/version", timeout=10).json()["pull_path_ready"]:
+        assert time.monotonic() < deadline, "adaloc serve never imported its pull path"
+        time.sleep(0.1)
 
     client = Client(url, owner.x)
     client.start()
