@@ -134,7 +134,7 @@ def decode_key(data: bytes) -> Key:
         raise KeyFormatError(f"key artifact has tensors of dtype {index.dtype}/{value.dtype}")
     index = index.reshape(-1).to(torch.int64)
     value = value.reshape(-1)
-    indices, values, i, v = {}, {}, 0, 0
+    indices, values, i, v, starts = {}, {}, 0, 0, []
     try:
         for name, rows, width, whole in meta["layout"]:
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in (rows, width)):
@@ -142,20 +142,37 @@ def decode_key(data: bytes) -> Key:
             if rows < 0 or width < 0 or v + rows * width > value.numel():
                 raise ValueError(f"layout of {name!r} runs past the stored tensors")
             idx = torch.arange(rows) if whole else index[i : i + rows]
+            if not whole:
+                starts.append((i, name))
             i += 0 if whole else rows
             if idx.numel() != rows or v + rows * width > value.numel():
                 raise ValueError(f"layout of {name!r} runs past the stored tensors")
-            if rows > 1 and not bool((idx[1:] > idx[:-1]).all()):
-                raise ValueError(f"indices of {name!r} are not sorted and unique")
             # half-precision values are cast to the base's dtype when applied
             indices[name], values[name] = idx, value[v : v + rows * width].reshape(rows, width)
             v += rows * width
         if i != index.numel() or v != value.numel():
             raise ValueError("stored tensors are longer than the layout says")
+        _check_sorted(index, starts)
         mask = KeyMask(indices, meta["granularity"])
         return Key(mask, values, meta["base_sha256"], int(meta["version"]), meta["parent"])
     except (KeyError, ValueError, TypeError, RuntimeError, OverflowError) as exc:
         raise KeyFormatError(f"key artifact metadata is incomplete or invalid: {exc}") from exc
+
+
+def _check_sorted(index: torch.Tensor, starts: list[tuple[int, str]]) -> None:
+    """Every tensor's slice of ``index`` strictly increasing (sorted, unique), checked in one
+    pass over the concatenation: a step down is allowed only where a new tensor starts."""
+    if index.numel() < 2:
+        return
+    up = index[1:] > index[:-1]
+    first = [s for s, _ in starts if s > 0]
+    if first:
+        up[torch.tensor(first) - 1] = True
+    if bool(up.all()):
+        return
+    bad = int((~up).nonzero()[0]) + 1
+    name = next(n for s, n in reversed(starts) if s <= bad - 1)
+    raise ValueError(f"indices of {name!r} are not sorted and unique")
 
 
 def _st_load(data: bytes, what: str) -> dict[str, torch.Tensor]:

@@ -280,7 +280,7 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
                     else:  # a running server: base in memory, keyed tensors swapped in
                         r = site.pull("production")
                         t_apply = time.perf_counter()
-                        ready = served = swap_key(served, site)
+                        ready = served = swap_key(served, site, pulled=r)
                     done = time.perf_counter()
                     calls[mode].append(requests_made.n - calls0)
                     (cold if mode == "cold" else warm).append(done - t)
@@ -439,7 +439,7 @@ def main(args) -> dict:
         if args.tracking_uri:
             servers, setup = Servers(args.tracking_uri), "given server"
         else:
-            s3 = stack.enter_context(moto_s3("bench"))
+            s3 = stack.enter_context(moto_s3("bench", process=True))
             direct = stack.enter_context(mlflow_server(work / "server", s3=s3))
             servers = Servers(direct.tracking_uri)
             setup = "mlflow server --workers 1 (sqlite) + moto S3 on 127.0.0.1"

@@ -121,7 +121,7 @@ class ModelServer:
 
                     new = load_model(self.site, device=self.device)
                 elif result.version != self.current.version:
-                    new = swap_key(self.current, self.site)  # in place, under its lock
+                    new = swap_key(self.current, self.site, pulled=result)  # in place, locked
                 else:
                     new = self.current
             except AdalocError as err:

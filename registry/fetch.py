@@ -262,6 +262,7 @@ def fetch(
     durable: bool = True,
     urls: dict | None = None,
     conditional: bool = False,
+    observe: Callable[[bytes], None] | None = None,
 ) -> Path:
     """Stream ``artifact_uri`` to ``dst`` (0600), at most ``max_bytes``; check length/sha256.
 
@@ -272,7 +273,11 @@ def fetch(
     ``urls``: a per-reader cache of presigned URLs for files at fixed paths (see the module
     docstring); ``conditional``: with a cached URL, NotModifiedError when the file has the
     ETag last read through it (a poll that finds nothing new moves no bytes).
+    ``observe``: called with each chunk as it arrives (a hash or a copy kept while the
+    download waits on the network); single-attempt downloads only, so it sees one stream.
     """
+    if observe is not None and attempts != 1:
+        raise ValueError("fetch(observe=...) needs attempts=1: a retry would feed it twice")
     directory, name = artifact_uri.rstrip("/").rsplit("/", 1)
     what = label or name
     for attempt in range(attempts):
@@ -290,6 +295,7 @@ def fetch(
                 durable,
                 urls,
                 conditional,
+                observe,
             )
         except RegistryError:
             raise
@@ -307,7 +313,7 @@ def fetch(
 
 def _fetch_once(
     repo, name, dst, max_bytes, expect_sha256, expect_length, what, progress, probe, durable,
-    urls=None, conditional=False,
+    urls=None, conditional=False, observe=None,
 ):  # fmt: skip
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -326,6 +332,8 @@ def _fetch_once(
                     )
                 f.write(chunk)
                 digest.update(chunk)
+                if observe:
+                    observe(chunk)
                 if progress:
                     progress(what, done, expect_length)
             f.flush()

@@ -36,7 +36,7 @@ class InstalledFiles:
     """The bytes of a site's installed key version (read from one consistent installed set)."""
 
     version: int
-    base_path: Path
+    base_path: Path | None  # None: a key swapped in from memory (swap_key(pulled=))
     key: bytes
     card: bytes
     token: bytes | None
@@ -208,14 +208,34 @@ def _rows(state: dict, name: str, granularity: str) -> torch.Tensor:
     return rows
 
 
+def _same_positions(key, old) -> bool:
+    """True when ``key`` keys exactly ``old``'s positions (every key-only update)."""
+    if old is None or key.mask.granularity != old.mask.granularity:
+        return False
+    a, b = key.mask.indices, old.mask.indices
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
 @torch.no_grad()
 def _write_key(state: dict, key, old=None, base_rows: dict | None = None) -> dict:
     """Write ``key``'s values into ``state``'s own tensors (in place); return the base's
     values at its positions. ``old`` (the key written now) and its ``base_rows`` put the base
     back first where the positions differ, so any key can follow any other."""
+    from adaloc.errors import KeyMismatchError
     from adaloc.lock import _check_fits
 
     g = key.mask.granularity
+    if _same_positions(key, old):  # positions already checked against state: shapes only
+        for name in key.mask.indices:
+            v = key.values.get(name)
+            want = tuple(old.values[name].shape)
+            if v is None or tuple(v.shape) != want:
+                got = None if v is None else tuple(v.shape)
+                raise KeyMismatchError(f"key values for {name!r} have shape {got}, expected {want}")
+        for name, idx in key.mask.indices.items():
+            rows = _rows(state, name, g)
+            rows.index_copy_(0, idx.to(rows.device), key.values[name].to(rows.device, rows.dtype))
+        return dict(base_rows or {})
     _check_fits(state, key.mask, key.values)  # before any write
     rows_out = dict(base_rows or {})
     if old is not None:
@@ -273,23 +293,35 @@ def load_model(site_dir, *, device: str | None = None, verify: bool = True) -> L
     )  # fmt: skip
 
 
-def swap_key(current: LoadedModel, site_dir, *, verify: bool = False) -> LoadedModel:
+def swap_key(current: LoadedModel, site_dir, *, verify: bool = False, pulled=None) -> LoadedModel:
     """Write the site's newly installed key version into ``current`` in place: only the key
     positions change, under ``current.lock``'s write side (in-flight requests finish on the
     old values first; none runs on a mix). Returns ``current``. ``verify`` re-hashes the whole
     model against the signed sha256 (off by default: the installed key was checked against
-    its signed sha256 when it was pulled) and puts the old key back when it differs."""
+    its signed sha256 when it was pulled) and puts the old key back when it differs.
+
+    ``pulled``: the ``PullResult`` of a pull this process just made; when it installed a
+    version, its verified key (in memory) is swapped in, not the files read back from disk.
+    """
     from adaloc.artifact import ModelCard
     from adaloc.token import Token
 
-    files = installed_files(_site(site_dir))
+    got = getattr(pulled, "verified", None)
+    if got is not None:
+        files = InstalledFiles(
+            pulled.version, None, b"", got.card, got.token, pulled.base_sha256,
+            pulled.model_sha256,
+        )  # fmt: skip
+    else:
+        files = installed_files(_site(site_dir))
     if files.base_sha256 != current.base_sha256:
         raise IntegrityError(
             f"installed key version {files.version} is for base {files.base_sha256[:12]}; this "
             f"server holds base {current.base_sha256[:12]}: restart it to change base"
         )
     card = ModelCard.from_json(files.card.decode())
-    key = _decode_key(files)  # everything that can fail before the lock is done first
+    # everything that can fail before the lock is done first
+    key = got.key if got is not None else _decode_key(files)
     token = Token.from_bytes(files.token) if files.token else None
     with current.lock.write():
         state = current.model.state_dict()

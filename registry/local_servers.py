@@ -68,23 +68,39 @@ class S3Endpoint:
 
 
 @contextmanager
-def moto_s3(bucket: str = "adaloc") -> Iterator[S3Endpoint]:
-    """moto's ThreadedMotoServer on 127.0.0.1; sets MLFLOW_S3_ENDPOINT_URL + dummy creds."""
-    from moto.server import ThreadedMotoServer
+def moto_s3(bucket: str = "adaloc", *, process: bool = False) -> Iterator[S3Endpoint]:
+    """moto's S3 server on 127.0.0.1; sets MLFLOW_S3_ENDPOINT_URL + dummy creds.
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per S3 request
+    Default: moto's ThreadedMotoServer in this process (fast to start: tests). ``process``:
+    ``python -m moto.server`` in its own process group, as an S3 endpoint is to its
+    clients; a benchmark timing a client wants that, because a server thread in the
+    client's process shares its GIL and adds its request handling to every client step.
+    """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in [*DUMMY_AWS_ENV, "MLFLOW_S3_ENDPOINT_URL"]}
     os.environ.update({**DUMMY_AWS_ENV, "MLFLOW_S3_ENDPOINT_URL": url})
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    proc = server = None
     try:
+        if process:
+            cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)  # fmt: skip
+            wait_http_ok(f"{url}/moto-api/", timeout_s=60, proc=proc)
+        else:
+            from moto.server import ThreadedMotoServer
+
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 request
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            server.start()
         endpoint = S3Endpoint(url, bucket)
         endpoint.client().create_bucket(Bucket=bucket)
         yield endpoint
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
+        if proc is not None:
+            stop_process_group(proc)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

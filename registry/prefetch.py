@@ -17,13 +17,14 @@ only when they have the signed length and sha256 of the key the verified head na
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from adaloc.formats import sha256_bytes
 from registry import records as R
 from registry import run_io
 from registry import trust_io as IO
+from registry.sealing import StreamDigest
 
 SLACK = 64 * 1024  # header growth between versions (a new site sealed for, a token)
 
@@ -33,18 +34,26 @@ class KeyPrefetch:
 
     def __init__(self, store, run_id: str, path: str, dst: Path, cap: int, *, copy=False):
         self.run_id, self.path, self.dst, self.copy = run_id, path, Path(dst), copy
+        self._data, self._digest, self.body_sha256 = b"", None, None
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._future = self._pool.submit(self._get, store, cap)
 
     def _get(self, store, cap: int) -> bool:
         fixed = {"urls": run_io.url_cache(store), "conditional": True} if self.copy else {}
+        chunks, digest = [], StreamDigest()
+
+        def keep(chunk: bytes) -> None:  # both hashes are done while the network is waited on
+            chunks.append(chunk)
+            digest.update(chunk)
+
         try:
             run_io.fetch_file(
                 store, self.run_id, self.path, self.dst, max_bytes=cap, attempts=1,
-                label="prefetched key", durable=False, **fixed,
+                label="prefetched key", durable=False, observe=keep, **fixed,
             )  # fmt: skip
         except Exception:  # noqa: BLE001 - a failed prefetch only means the usual fetch
             return False
+        self._data, self._digest = b"".join(chunks), digest
         return True
 
     @classmethod
@@ -74,15 +83,23 @@ class KeyPrefetch:
 
     def take(self, entry) -> bytes | None:
         """The prefetched bytes when ``entry`` (the signed file entry) names them (or this is
-        a head's copy) and they have its length and sha256; else None."""
+        a head's copy) and they have its length and sha256; else None. After a take,
+        :attr:`body_sha256` is the body hash of those bytes (``sealing.StreamDigest``)."""
         if not self._future.result():
             return None
         if not self.copy and (entry.run_id, entry.path) != (self.run_id, self.path):
             return None
-        data = self.dst.read_bytes()
-        if len(data) != entry.length or sha256_bytes(data) != entry.sha256:
+        data, digest = self._data, self._digest
+        if len(data) != entry.length or digest.length != len(data):
             return None
+        if digest.whole.hexdigest() != entry.sha256:
+            return None
+        self.body_sha256 = digest.body_sha256()
         return data
+
+    def keep_as(self, path: Path) -> None:
+        """Move the taken download to ``path`` (a cache entry; no second write of it)."""
+        os.replace(self.dst, path)
 
     def close(self) -> None:
         """Wait for the download to end and remove its file."""

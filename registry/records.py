@@ -131,9 +131,22 @@ class KeyVersion:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Verified:
+    """What a pull has just verified and installed, kept in memory for a loader in the same
+    process (``registry.loader.swap_key(..., pulled=)``): it swaps this in rather than
+    reading back and re-checking the files the pull wrote a moment ago."""
+
+    key: object  # adaloc.lock.Key, decoded from the decrypted, signature-checked blob
+    card: bytes
+    token: bytes | None
+
+
 @dataclass
 class PullResult:
-    """What one pull did: versions, hashes, bytes downloaded and seconds per phase."""
+    """What one pull did: versions, hashes, bytes downloaded and seconds per phase
+    (``verified``: the installed key in memory when this pull installed one; not in
+    :meth:`to_dict`)."""
 
     version: int
     previous: int | None
@@ -144,7 +157,10 @@ class PullResult:
     bytes_base: int = 0
     bytes_key: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    verified: Verified | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        """JSON-friendly dict."""
-        return asdict(self)
+        """JSON-friendly dict (no key material)."""
+        return {k: v for k, v in vars(self).items() if k != "verified"} | {
+            "seconds": dict(self.seconds)
+        }

@@ -7,6 +7,7 @@ before the decoded key is used. Sites and the owner's registry copy both call th
 
 from __future__ import annotations
 
+from adaloc.formats import sha256_bytes
 from registry import trust as T
 from registry.errors import IntegrityError, TrustError
 from registry.sealing import open_sealed, read_header
@@ -19,9 +20,14 @@ def open_against_targets(
     *,
     recipient_id: str,
     private_key,
+    body_sha256: bytes | None = None,
+    digests: dict[str, str] | None = None,
 ) -> tuple[object, dict[str, bytes]]:
     """(adaloc Key, decrypted parts) of ``blob`` for ``recipient_id``; IntegrityError if the
-    blob disagrees with the signed targets, TrustError if the root does not name its signer."""
+    blob disagrees with the signed targets, TrustError if the root does not name its signer.
+    ``body_sha256``: see ``sealing.verify_sealed`` (hashed as the blob downloaded).
+    ``digests``: filled with the sha256 of each decrypted part, hashed on a second core
+    while the key decodes (hashlib drops the GIL), for a caller that records them."""
     from adaloc.artifact import decode_key
     from adaloc.errors import KeyFormatError
 
@@ -33,7 +39,11 @@ def open_against_targets(
             f"owner's root v{root.version} does not name (revoked?)"
         )
     header, parts = open_sealed(
-        blob, site_id=recipient_id, owner_public_pem=pem.encode(), site_private_key=private_key
+        blob,
+        site_id=recipient_id,
+        owner_public_pem=pem.encode(),
+        site_private_key=private_key,
+        body_sha256=body_sha256,
     )
     if (
         (header.key_version, header.base_sha256) != (tg.key_version, tg.base_sha256)
@@ -46,12 +56,29 @@ def open_against_targets(
         )
     if ("token" in parts) != tg.token:
         raise IntegrityError(f"key version {tg.key_version}: token presence differs from targets")
+    hashing = _hash_parts(parts) if digests is not None else None
     try:
         key = decode_key(parts["key"])
     except KeyFormatError as err:
         raise IntegrityError(f"key version {tg.key_version}: {err}") from err
+    finally:
+        if hashing is not None:
+            digests.update(hashing.result())
     if key.version != tg.key_version or key.base_sha256 != tg.base_sha256:
         raise IntegrityError(
             f"key artifact says version {key.version}, targets say {tg.key_version}"
         )
     return key, parts
+
+
+_POOL = None
+
+
+def _hash_parts(parts: dict[str, bytes]):
+    """A future of {name: sha256 hex} of ``parts`` on the module's one hashing thread."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaloc-hash")
+    return _POOL.submit(lambda: {n: sha256_bytes(b) for n, b in parts.items()})

@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import wait
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from adaloc.formats import (
     KEY_FILE,
     MODEL_CARD_FILE,
     TOKEN_FILE,
-    sha256_bytes,
 )
 from registry import record_cache as RC
 from registry import run_io
@@ -45,7 +45,7 @@ from registry.errors import (
 from registry.fsutil import atomic_write_bytes, atomic_write_json
 from registry.prefetch import KeyPrefetch
 from registry.progress import Progress
-from registry.records import PullResult
+from registry.records import PullResult, Verified
 from registry.sealing import (
     OWNER_PUBLIC_FILE,
     SITE_PRIVATE_FILE,
@@ -59,6 +59,19 @@ from registry.site_set import InstalledSet, SiteInstalled  # noqa: F401 - re-exp
 SITE_FORMAT_VERSION = 2
 LOCK_TIMEOUT_S = 300.0
 MODEL_FILE = "model.safetensors"
+
+
+_SWEEPER = None
+
+
+def _sweeper():
+    """One thread for :func:`site_files.sweep` (rmtree and unlink drop the GIL)."""
+    global _SWEEPER
+    if _SWEEPER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _SWEEPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaloc-sweep")
+    return _SWEEPER
 
 
 def _now() -> str:
@@ -196,8 +209,12 @@ class Site(SiteInstalled):
         path = self.directory / F.TRUSTED_ROOT
         if not path.exists():
             return anchor
+        raw = path.read_bytes()
+        cached = getattr(self, "_root_seen", None)
+        if cached is not None and cached[0] == (raw, owner):
+            return cached[1]  # the same bytes this Site verified before: same result
         try:
-            env = T.parse(path.read_bytes(), "root", f"trusted root {path}")
+            env = T.parse(raw, "root", f"trusted root {path}")
             root = T.verify(
                 env,
                 "root",
@@ -207,10 +224,13 @@ class Site(SiteInstalled):
             )
         except TrustError as err:
             raise SiteFileError(str(err)) from err
+        self._root_seen = ((raw, owner), root)
         return root
 
-    def _signed_state(self, allow_rollback: bool, *, persist: bool = True):
-        """(timestamp, root): the newest verified timestamp, fresh and not rolled back."""
+    def _signed_state(self, allow_rollback: bool, *, persist: bool = True, defer=None):
+        """(timestamp, root): the newest verified timestamp, fresh and not rolled back.
+        ``defer``: the seen-counter write is handed to it (a pull's writer thread) rather than
+        done here; the pull waits for it before it returns."""
         trusted = self._trusted_root()  # local files first: a bad one fails before any I/O
         reg = self.registry()
         env, ts, root, run_id = self._online(
@@ -233,9 +253,12 @@ class Site(SiteInstalled):
                     self.directory / F.TRUSTED_ROOT, self._root_bytes(reg, run_id, root)
                 )
             if ts.counter > seen.counter:
-                atomic_write_json(
-                    self.directory / F.SEEN_FILE, {"counter": ts.counter, "seen_at": _now()}
-                )
+                write = (atomic_write_json, self.directory / F.SEEN_FILE,
+                         {"counter": ts.counter, "seen_at": _now()})  # fmt: skip
+                if defer is None:
+                    write[0](*write[1:])
+                else:
+                    defer(_sweeper().submit(*write))
         return ts, root
 
     @staticmethod
@@ -268,12 +291,23 @@ class Site(SiteInstalled):
                 f"{lock_timeout:.0f}s; wait for it to finish"
             ) from err
         try:
-            F.sweep(self.directory)
-            return self._pull_locked(ref, allow_rollback, progress)
+            # Leftovers of earlier pulls are removed while this one waits on the network;
+            # done before its new set is staged, and its errors are raised as before.
+            # The seen-counter write goes to the same thread, and all are done by the return.
+            sweeping = _sweeper().submit(F.sweep, self.directory)
+            pending = [sweeping]
+            try:
+                result = self._pull_locked(ref, allow_rollback, progress, sweeping, pending)
+            except BaseException:
+                wait(pending)
+                raise
+            for done in pending:
+                done.result()
+            return result
         finally:
             lock.release()
 
-    def _pull_locked(self, ref, allow_rollback: bool, progress) -> PullResult:
+    def _pull_locked(self, ref, allow_rollback: bool, progress, sweeping, pending) -> PullResult:
         # Local files first: a damaged site.key fails before anything is fetched or written.
         F.load_site_key(self.directory / SITE_PRIVATE_FILE)
         seconds, t0 = {}, time.perf_counter()
@@ -284,7 +318,7 @@ class Site(SiteInstalled):
         head = self._head_prefetch(keys_dir, ref)
         prefetch = None
         try:
-            ts, root = self._signed_state(allow_rollback)
+            ts, root = self._signed_state(allow_rollback, defer=pending.append)
             reg = self.registry()
             version = IO.resolve_ref(ts, root, ref)
             records = RC.RecordCache(self.directory / RC.RECORDS_DIR)
@@ -296,7 +330,7 @@ class Site(SiteInstalled):
             elif entry is not None:
                 prefetch = KeyPrefetch.start(reg, keys_dir, version, entry.run_id, self.installed())
             return self._pull_version(ref, allow_rollback, progress, ts, root, version,
-                                      seconds, t0, prefetch, entry, records)  # fmt: skip
+                                      seconds, t0, prefetch, entry, records, sweeping)  # fmt: skip
         finally:
             for p in {id(x): x for x in (head, prefetch) if x}.values():
                 p.close()
@@ -313,7 +347,7 @@ class Site(SiteInstalled):
 
     def _pull_version(
         self, ref, allow_rollback, progress, ts, root, version, seconds, t0, prefetch, entry,
-        records,
+        records, sweeping,
     ) -> PullResult:  # fmt: skip
         reg = self.registry()
         tg = self._online(
@@ -353,6 +387,7 @@ class Site(SiteInstalled):
                 pass  # the set was damaged on disk: re-install it below
 
         t = time.perf_counter()
+        sweeping.result()  # (it removes staging folders: never one of this pull's)
         base_dir, bytes_base = self._ensure_base(tg, progress)
         seconds["base"] = time.perf_counter() - t
 
@@ -360,8 +395,10 @@ class Site(SiteInstalled):
         k = tg.files["key.sealed"]
         keys_dir = self.directory / "cache" / "keys"
         blob = RC.RecordCache(keys_dir).get_file(f"v{version}.sealed", k.sha256, k.length)
+        body_sha256 = None  # (hashed as it downloaded, when it comes from a prefetch)
         if blob is None and prefetch and (blob := prefetch.take(k)) is not None:
-            RC._write(keys_dir / f"v{version}.sealed", blob)  # a cache, checked: signed sha256
+            prefetch.keep_as(keys_dir / f"v{version}.sealed")  # a cache, checked: signed sha256
+            body_sha256 = prefetch.body_sha256
         if blob is None:  # not cached (or damaged there): download, capped and hash-checked
             part = keys_dir / f".v{version}.sealed.download"
             self._online(
@@ -377,7 +414,8 @@ class Site(SiteInstalled):
         seconds["download_key"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        parts = self._open(blob, tg, root)
+        digests: dict[str, str] = {}
+        key, parts = self._open(blob, tg, root, body_sha256, digests)
         seconds["verify_decrypt"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -387,9 +425,9 @@ class Site(SiteInstalled):
             "mlflow_version": version,
             "base_sha256": tg.base_sha256,
             "model_sha256": tg.model_sha256,
-            "key_sha256": sha256_bytes(parts["key"]),
+            "key_sha256": digests["key"],
             "card_sha256": tg.files[MODEL_CARD_FILE].sha256,
-            "token_sha256": sha256_bytes(parts["token"]) if "token" in parts else None,
+            "token_sha256": digests.get("token"),
             "token": "token" in parts,
             "base_file_sha256": tg.files[BASE_FILE].sha256,
             "base_bytes": tg.files[BASE_FILE].length,
@@ -401,9 +439,10 @@ class Site(SiteInstalled):
             "previous": previous,
         }
         staging = F.new_set_dir(self.directory, version)
+        card = (base_dir / MODEL_CARD_FILE).read_bytes()
         files = {
             KEY_FILE: parts["key"],
-            MODEL_CARD_FILE: (base_dir / MODEL_CARD_FILE).read_bytes(),
+            MODEL_CARD_FILE: card,
             **({TOKEN_FILE: parts["token"]} if "token" in parts else {}),
             F.STATE_FILE: (json.dumps(new_state, indent=2, sort_keys=True) + "\n").encode(),
         }
@@ -421,18 +460,21 @@ class Site(SiteInstalled):
             bytes_base,
             len(blob),
             seconds,
+            Verified(key, card, parts.get("token")),
         )
 
-    def _open(self, blob: bytes, tg: T.TargetsSigned, root: T.RootSigned) -> dict[str, bytes]:
-        """Check the sealed blob's owner signature and header against the targets; decrypt."""
-        _, parts = open_against_targets(
+    def _open(self, blob, tg: T.TargetsSigned, root: T.RootSigned, body_sha256=None, digests=None):
+        """(Key, parts): the sealed blob's owner signature and header checked against the
+        targets, then decrypted and decoded."""
+        return open_against_targets(
             blob,
             tg,
             root,
             recipient_id=self.config["site_id"],
             private_key=F.load_site_key(self.directory / SITE_PRIVATE_FILE),
+            body_sha256=body_sha256,
+            digests=digests,
         )
-        return parts
 
     def _base_dir(self, base_sha256: str) -> Path:
         return self.directory / "cache" / "bases" / base_sha256

@@ -80,3 +80,30 @@ def test_base_round_trip(tmp_path):
     (tmp_path / MODEL_CARD_FILE).write_text("{")
     with pytest.raises(KeyFormatError, match="malformed"):
         load_base(tmp_path)
+
+
+def test_unsorted_indices_inside_one_tensor_are_refused_with_its_name(locked):
+    """Indices step down freely where the next tensor starts, never inside one tensor."""
+    import json
+
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from adaloc.artifact import _meta_json, _payload_sha, _read_metadata
+
+    _, key = locked
+    data = encode_key(key)
+    meta = json.loads(_read_metadata(data, "key")["adaloc"])
+    parts = [(name, rows) for name, rows, _, whole in meta["layout"] if not whole]
+    assert len(parts) >= 2, "the fixture key needs two row-keyed tensors"
+    assert decode_key(data).mask.indices.keys() == key.mask.indices.keys()
+    (name, rows), start = parts[1], parts[0][1]
+    assert rows >= 2
+    tensors = st_load(data)
+    index = tensors["index"].clone()
+    index[start], index[start + 1] = index[start + 1].clone(), index[start].clone()
+    tensors["index"] = index
+    meta["payload_sha256"] = _payload_sha(tensors)
+    bad = st_save(tensors, metadata=_meta_json(meta))
+    with pytest.raises(KeyFormatError, match=f"indices of '{name}' are not sorted"):
+        decode_key(bad)

@@ -212,3 +212,31 @@ def test_head_key_copy_is_used_when_it_matches_the_signed_head_and_ignored_when_
     assert IO.head_key_path("production") in read and "key/key.sealed" in read
     assert not list((site.directory / "cache/keys").glob(".*prefetch*"))
     assert IO.head_key_path(3) is None and IO.head_key_path("v3") is None
+
+
+def test_swap_from_the_pull_in_memory_equals_the_swap_from_disk(world):
+    """``swap_key(pulled=)`` swaps in the key the pull verified (no read-back); the result
+    is the owner's model, as the swap from the installed files is; a key for the same
+    positions with a wrong shape is refused before any write."""
+    from adaloc.errors import KeyMismatchError
+    from adaloc.lock import Key, state_sha256
+    from registry.loader import _write_key, load_model, swap_key
+
+    reg, owner, site, lm, _ = world
+    a, b = load_model(site, device="cpu"), load_model(site, device="cpu")
+    for version in (2, 3):
+        r = site.pull(version, allow_rollback=True)
+        assert r.changed and r.verified is not None and r.verified.key.version == version
+        assert "verified" not in r.to_dict() and json.dumps(r.to_dict())
+        swap_key(a, site, pulled=r)
+        swap_key(b, site)
+        for m in (a, b):
+            assert (m.version, state_sha256(m.model)) == (version, lm.model_sha256[version])
+    again = site.pull(3)
+    assert not again.changed and again.verified is None
+    key = a.key
+    bad = Key(key.mask, {n: v[:, :0] for n, v in key.values.items()}, key.base_sha256, 9)
+    before = state_sha256(a.model)
+    with pytest.raises(KeyMismatchError, match="have shape"):
+        _write_key(a.model.state_dict(), bad, key, a.base_rows)
+    assert state_sha256(a.model) == before

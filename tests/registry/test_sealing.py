@@ -193,3 +193,53 @@ def test_encrypted_owner_key_from_env_or_file(tmp_path, monkeypatch):
     blob = keyring.seal({"key": b"k" * 8}, HEADER)  # the flows' path: key from the env file
     assert verify_sealed(blob, keyring.owner_public_pem).key_version == 1
     assert OwnerKeyring(owner_dir, passphrase=b"correct horse").signing_key() is not None
+
+
+def test_format_1_blobs_still_open_and_format_2_signs_the_body_hash(world):
+    """Format 2 signs SIG_CONTEXT + sha256(body); blobs sealed before it (format 1: the body
+    signed as is) still open, and neither signature passes for the other format."""
+    import hashlib
+
+    from registry.sealing import MAGIC_V1, SIG_CONTEXT, SIGNATURE_BYTES
+
+    owner, _ = world
+    parts = {"key": os.urandom(3000)}
+    blob = owner.seal(parts, HEADER)
+    assert blob.startswith(MAGIC)
+    body = blob[:-SIGNATURE_BYTES]
+    signer = owner.signing_key()
+    signer.public_key().verify(blob[-SIGNATURE_BYTES:], SIG_CONTEXT + hashlib.sha256(body).digest())
+    v1_body = MAGIC_V1 + body[len(MAGIC) :]
+    v1 = v1_body + signer.sign(v1_body)
+    assert _open(v1, world)[1] == parts
+    relabelled = v1_body + blob[-SIGNATURE_BYTES:]  # a format-2 signature under a v1 magic
+    with pytest.raises(SignatureError):
+        _open(relabelled, world)
+
+
+def test_a_body_hash_from_the_download_must_be_of_these_bytes(world):
+    """open_sealed(body_sha256=) takes the hash a StreamDigest computed as the blob came in;
+    a hash of other bytes fails the signature, as a changed byte would."""
+    from registry.sealing import StreamDigest
+
+    owner, _ = world
+    blob = owner.seal({"key": os.urandom(3000)}, HEADER)
+    digest = StreamDigest()
+    for i in range(0, len(blob), 700):  # chunks that cut the signature apart
+        digest.update(blob[i : i + 700])
+    assert digest.length == len(blob)
+    ok = _open_with(blob, world, digest.body_sha256())
+    assert ok[0].key_version == 1
+    with pytest.raises(SignatureError):
+        _open_with(blob, world, bytes(32))
+
+
+def _open_with(blob, world, body_sha256):
+    owner, root = world
+    return open_sealed(
+        blob,
+        site_id="a",
+        site_private_key=load_private_key(root / "a" / "site.key"),
+        owner_public_pem=owner.owner_public_pem,
+        body_sha256=body_sha256,
+    )
