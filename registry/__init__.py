@@ -36,7 +36,8 @@ Owner and site keys (``registry.sealing``, ``registry.keyring``)::
     read_header(blob) -> SealedHeader                            # unverified, for inspection
     SealedHeader: format, key_version, parent, base_sha256, model_sha256, recipients, ...
       Sealed layout: MAGIC | u32 header len | header JSON (AEAD associated data) |
-      AES-256-GCM ciphertext of the parts under a fresh data key | Ed25519 signature (64 B).
+      AES-256-GCM ciphertext of the parts under a fresh data key | Ed25519 signature (64 B)
+      over SIG_CONTEXT + sha256(body) (format 2; format 1: over the body, still read).
       The data key is wrapped per site with X25519 + HKDF-SHA256 + AES-256-GCM.
 
 Registry (``registry.store``, ``registry.mlflow_io``)::
@@ -91,7 +92,7 @@ Loader (``registry.loader``)::
                  token, device; preprocess(x) (checks [N,C,H,W] in [0,1], stamps the token),
                  answer(x) -> (logits, version), logits(x), predict(x) -> list[int],
                  keyed_bytes, lock (read side: a request; write side: a swap)
-    swap_key(current, site_dir) -> LoadedModel   # writes the next installed version's key
+    swap_key(current, site_dir, *, pulled=None) -> LoadedModel  # next installed key; pulled=PullResult: the verified key in memory
                                                   # positions in place (adaloc serve's swap)
 
 Loopback servers (``registry.local_servers``; tests, bench, demos)::
