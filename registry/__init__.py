@@ -92,8 +92,9 @@ Loader (``registry.loader``)::
                  token, device; preprocess(x) (checks [N,C,H,W] in [0,1], stamps the token),
                  answer(x) -> (logits, version), logits(x), predict(x) -> list[int],
                  keyed_bytes, lock (read side: a request; write side: a swap)
-    swap_key(current, site_dir, *, pulled=None) -> LoadedModel  # next installed key; pulled=PullResult: the verified key in memory
-                                                  # positions in place (adaloc serve's swap)
+    swap_key(current, site_dir, *, pulled=None) -> LoadedModel  # writes the next installed
+                                                  # key's positions in place (adaloc serve's
+                                                  # swap); pulled=PullResult: its key in memory
 
 Loopback servers (``registry.local_servers``; tests, bench, demos)::
 

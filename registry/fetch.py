@@ -30,6 +30,7 @@ from registry.errors import (
     UnavailableError,
 )
 from registry.progress import Progress
+from registry.workers import worker
 
 CHUNK = 1 << 20
 # Bounded retries for transient transport errors (no retry library is in the dependency
@@ -37,7 +38,6 @@ CHUNK = 1 << 20
 ATTEMPTS, BACKOFF_S = 3, (0.5, 2.0)
 DIRECT_MIN_BYTES = 1 << 20  # smaller files come through the server's proxy (one request)
 URL_MARGIN_S = 30.0  # a cached presigned URL is not used in its last seconds (clock skew)
-_BACKGROUND = None  # one thread that asks for presigned URLs of small fixed-path files
 _DIRECT_OK: dict[str, bool] = {}  # server host -> offers presigned downloads
 _SESSION = None  # one keep-alive session for presigned GETs (no TCP set-up per file)
 
@@ -57,15 +57,6 @@ def _repo(artifact_dir: str, tracking_uri: str | None, registry_uri: str | None)
     return get_artifact_repository(
         artifact_dir, tracking_uri=tracking_uri, registry_uri=registry_uri
     )
-
-
-def _background():
-    global _BACKGROUND
-    if _BACKGROUND is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaloc-presign")
-    return _BACKGROUND
 
 
 def _expiry(url: str) -> float | None:
@@ -149,7 +140,7 @@ def _direct(repo, name: str, max_bytes: int, urls: dict | None = None, condition
     if max_bytes < DIRECT_MIN_BYTES:
         if urls is not None and key not in urls:
             urls[key] = {"url": "", "headers": {}, "expires": 0.0}  # asked for once at a time
-            _background().submit(_refresh, repo, name, urls, key)
+            worker("presign").submit(_refresh, repo, name, urls, key)
         return None
     if not _offers_direct(repo):
         return None

@@ -90,9 +90,7 @@ class KeyPrefetch:
         if not self.copy and (entry.run_id, entry.path) != (self.run_id, self.path):
             return None
         data, digest = self._data, self._digest
-        if len(data) != entry.length or digest.length != len(data):
-            return None
-        if digest.whole.hexdigest() != entry.sha256:
+        if len(data) != entry.length or digest.whole.hexdigest() != entry.sha256:
             return None
         self.body_sha256 = digest.body_sha256()
         return data

@@ -11,6 +11,7 @@ from adaloc.formats import sha256_bytes
 from registry import trust as T
 from registry.errors import IntegrityError, TrustError
 from registry.sealing import open_sealed, read_header
+from registry.workers import worker
 
 
 def open_against_targets(
@@ -56,7 +57,9 @@ def open_against_targets(
         )
     if ("token" in parts) != tg.token:
         raise IntegrityError(f"key version {tg.key_version}: token presence differs from targets")
-    hashing = _hash_parts(parts) if digests is not None else None
+    hashing = None
+    if digests is not None:  # on a second core while the key decodes
+        hashing = worker("hash").submit(lambda: {n: sha256_bytes(b) for n, b in parts.items()})
     try:
         key = decode_key(parts["key"])
     except KeyFormatError as err:
@@ -69,16 +72,3 @@ def open_against_targets(
             f"key artifact says version {key.version}, targets say {tg.key_version}"
         )
     return key, parts
-
-
-_POOL = None
-
-
-def _hash_parts(parts: dict[str, bytes]):
-    """A future of {name: sha256 hex} of ``parts`` on the module's one hashing thread."""
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaloc-hash")
-    return _POOL.submit(lambda: {n: sha256_bytes(b) for n, b in parts.items()})

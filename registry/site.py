@@ -15,9 +15,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 from concurrent.futures import wait
-from datetime import UTC, datetime
 from pathlib import Path
 
 from adaloc.formats import (
@@ -38,9 +36,7 @@ from registry.errors import (
     NotFoundError,
     RegistryError,
     RollbackError,
-    SiteFileError,
     TrustError,
-    UnavailableError,
 )
 from registry.fsutil import atomic_write_bytes, atomic_write_json
 from registry.prefetch import KeyPrefetch
@@ -54,31 +50,16 @@ from registry.sealing import (
     key_fingerprint,
 )
 from registry.signed_open import open_against_targets
-from registry.site_set import InstalledSet, SiteInstalled  # noqa: F401 - re-exported
+from registry.site_set import InstalledSet, SiteInstalled, _now  # noqa: F401 - re-exported
+from registry.site_trust import SiteTrust
+from registry.workers import worker
 
 SITE_FORMAT_VERSION = 2
 LOCK_TIMEOUT_S = 300.0
 MODEL_FILE = "model.safetensors"
 
 
-_SWEEPER = None
-
-
-def _sweeper():
-    """One thread for :func:`site_files.sweep` (rmtree and unlink drop the GIL)."""
-    global _SWEEPER
-    if _SWEEPER is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _SWEEPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaloc-sweep")
-    return _SWEEPER
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-class Site(SiteInstalled):
+class Site(SiteTrust, SiteInstalled):
     """One deployment site rooted at ``directory``."""
 
     def __init__(self, directory: str | Path):
@@ -172,99 +153,6 @@ class Site(SiteInstalled):
             self._hint = RC.seed(self._registry, hints)
         return self._registry
 
-    def _newest_timestamp(self, trusted: T.RootSigned):
-        """IO.newest_timestamp, started from the last pull's hints; stale hints (a failure
-        while using them) are dropped and the lookup done again without them."""
-        reg = self.registry()
-        try:
-            got = IO.newest_timestamp(reg, trusted, hint=self._hint)
-        except Exception:
-            if not self._hint:
-                raise
-            (self.directory / RC.HINTS_FILE).unlink(missing_ok=True)
-            self._registry = None
-            reg = self.registry()
-            got = IO.newest_timestamp(reg, trusted)
-        RC.save_hints(self.directory, reg, got[3])
-        self._hint = (got[3],)  # a long-lived site takes the fast path from its next pull on
-        return got
-
-    def _online(self, what: str, call: Callable):
-        try:
-            return call()
-        except RegistryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - MLflow/requests/boto raise many types
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise UnavailableError(
-                f"{what}: registry at {self.config['tracking_uri']} unavailable ({first}); "
-                "the installed version is unchanged"
-            ) from err
-
-    # -- trust -----------------------------------------------------------------------------
-
-    def _trusted_root(self) -> T.RootSigned:
-        owner = F.load_owner_pem(self.directory / OWNER_PUBLIC_FILE)
-        anchor = T.anchor_root(self.config["model_name"], owner)
-        path = self.directory / F.TRUSTED_ROOT
-        if not path.exists():
-            return anchor
-        raw = path.read_bytes()
-        cached = getattr(self, "_root_seen", None)
-        if cached is not None and cached[0] == (raw, owner):
-            return cached[1]  # the same bytes this Site verified before: same result
-        try:
-            env = T.parse(raw, "root", f"trusted root {path}")
-            root = T.verify(
-                env,
-                "root",
-                T.root_keys(T._shape(env["signed"], "root", str(path))),
-                1,
-                f"trusted root {path}",
-            )
-        except TrustError as err:
-            raise SiteFileError(str(err)) from err
-        self._root_seen = ((raw, owner), root)
-        return root
-
-    def _signed_state(self, allow_rollback: bool, *, persist: bool = True, defer=None):
-        """(timestamp, root): the newest verified timestamp, fresh and not rolled back.
-        ``defer``: the seen-counter write is handed to it (a pull's writer thread) rather than
-        done here; the pull waits for it before it returns."""
-        trusted = self._trusted_root()  # local files first: a bad one fails before any I/O
-        reg = self.registry()
-        env, ts, root, run_id = self._online(
-            "read signed records", lambda: self._newest_timestamp(trusted)
-        )
-        reg = self.registry()  # (re-made when stale hints were dropped)
-        IO.check_fresh(ts)
-        seen = F.read_model(
-            self.directory / F.SEEN_FILE, F.Seen, "rollback guard", missing=F.Seen(counter=0)
-        )
-        if ts.counter < seen.counter and not allow_rollback:
-            raise RollbackError(
-                f"the registry's signed timestamp has counter {ts.counter}, below {seen.counter} "
-                "that this site has already seen: a replayed or rolled-back registry; pass "
-                "--allow-rollback to accept it anyway"
-            )
-        if persist:
-            if root.version > trusted.version:
-                atomic_write_bytes(
-                    self.directory / F.TRUSTED_ROOT, self._root_bytes(reg, run_id, root)
-                )
-            if ts.counter > seen.counter:
-                write = (atomic_write_json, self.directory / F.SEEN_FILE,
-                         {"counter": ts.counter, "seen_at": _now()})  # fmt: skip
-                if defer is None:
-                    write[0](*write[1:])
-                else:
-                    defer(_sweeper().submit(*write))
-        return ts, root
-
-    @staticmethod
-    def _root_bytes(reg, run_id: str, root: T.RootSigned) -> bytes:
-        return IO.read_artifact(reg, run_id, IO.root_file(root.version), max_bytes=T.MAX_ROOT_BYTES)
-
     # -- pull ------------------------------------------------------------------------------
 
     def pull(
@@ -294,7 +182,7 @@ class Site(SiteInstalled):
             # Leftovers of earlier pulls are removed while this one waits on the network;
             # done before its new set is staged, and its errors are raised as before.
             # The seen-counter write goes to the same thread, and all are done by the return.
-            sweeping = _sweeper().submit(F.sweep, self.directory)
+            sweeping = worker("sweep").submit(F.sweep, self.directory)
             pending = [sweeping]
             try:
                 result = self._pull_locked(ref, allow_rollback, progress, sweeping, pending)
