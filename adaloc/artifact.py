@@ -116,8 +116,13 @@ def encode_key(key: Key, *, value_dtype: str | None = None) -> bytes:
     return st_save(tensors, metadata=_meta_json(meta))
 
 
-def decode_key(data: bytes) -> Key:
-    """Parse and validate a key artifact written by :func:`encode_key`."""
+def decode_key(data: bytes, *, checksum: bool = True) -> Key:
+    """Parse and validate a key artifact written by :func:`encode_key`.
+
+    ``checksum=False`` skips re-hashing the tensors against the stored payload checksum, for
+    bytes the caller has authenticated (a sealed key's AEAD part under an owner-signed
+    header): the checksum guards plain files against corruption, which that rules out.
+    The layout, dtype and index checks run either way."""
     meta = _parse_meta(_read_metadata(data, "key artifact"), "key artifact")
     if meta.get("format") != "adaloc-key":
         raise KeyFormatError("file is not an adaloc key artifact (no 'adaloc-key' format tag)")
@@ -127,7 +132,9 @@ def decode_key(data: bytes) -> Key:
             f"(this adaloc reads {KEY_FORMAT_VERSION}); upgrade adaloc"
         )
     tensors = _st_load(data, "key artifact")
-    if set(tensors) != {"index", "value"} or _payload_sha(tensors) != meta.get("payload_sha256"):
+    if set(tensors) != {"index", "value"} or (
+        checksum and _payload_sha(tensors) != meta.get("payload_sha256")
+    ):
         raise KeyFormatError("key artifact's tensors do not match its checksum (corrupted)")
     index, value = tensors["index"], tensors["value"]
     if index.dtype not in (torch.int32, torch.int64) or value.dtype not in VALUE_DTYPES.values():

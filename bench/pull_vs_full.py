@@ -249,7 +249,7 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
     owner.add_site("bench", site.public_key_pem)
     n, links = args.repeats, parse_links(args.links)
     requests_made = RequestCount()
-    versions = 1 + (2 * n + 1) * len(links) + args.serve_swaps
+    versions = 1 + (2 * n + 2) * len(links) + args.serve_swaps
     info = _owner_side(name, reg, owner, work, args.budget, versions)
     reg.promote(1, owner=owner)
     first = site.pull("production")  # downloads and caches the base: once per site
@@ -268,6 +268,13 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
             phases: dict = {"cold": {}, "warm": {}}
             calls = {"cold": [], "warm": []}
             for mode in ("cold", "warm"):
+                if mode == "warm":
+                    # Untimed: the long-lived site's first poll over this link (its trust
+                    # run is known from now on, so it asks for the head's key copy and keeps
+                    # that presigned URL, renewed in the background past half its life).
+                    reg.promote(version, owner=owner)
+                    served = swap_key(served, site, pulled=site.pull("production"))
+                    version += 1
                 for _ in range(n):
                     reg.promote(version, owner=owner)  # owner action, untimed
                     before = received() if received else 0

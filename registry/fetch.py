@@ -38,6 +38,9 @@ CHUNK = 1 << 20
 ATTEMPTS, BACKOFF_S = 3, (0.5, 2.0)
 DIRECT_MIN_BYTES = 1 << 20  # smaller files come through the server's proxy (one request)
 URL_MARGIN_S = 30.0  # a cached presigned URL is not used in its last seconds (clock skew)
+# A kept URL past half its life is still used, and a new one is asked for in the background:
+# a site that polls more often than every half-TTL never waits on a presign round trip.
+RENEW_AT = 0.5
 _DIRECT_OK: dict[str, bool] = {}  # server host -> offers presigned downloads
 _SESSION = None  # one keep-alive session for presigned GETs (no TCP set-up per file)
 
@@ -78,7 +81,14 @@ def _expiry(url: str) -> float | None:
 def _presign(repo, name: str, urls: dict | None, key: str):
     signed = repo._get_presigned_download_url(name)
     if urls is not None and (expires := _expiry(signed.url)) is not None:
-        urls[key] = {"url": signed.url, "headers": dict(signed.headers or {}), "expires": expires}
+        now, old = time.time(), urls.get(key) or {}
+        urls[key] = {
+            "url": signed.url,
+            "headers": dict(signed.headers or {}),
+            "expires": expires,
+            "renew_at": now + RENEW_AT * max(expires - now, 0.0),
+            "etag": old.get("etag"),  # (the file's, not the URL's: a renewal keeps it)
+        }
     return signed
 
 
@@ -122,6 +132,15 @@ def _cached(urls: dict | None, key: str, max_bytes: int, conditional: bool):
     return resp
 
 
+def _renew_ahead(repo, name: str, urls: dict | None, key: str) -> None:
+    """Ask for a new URL of ``key`` in the background once the kept one is past half its
+    life (once at a time; the kept one serves until then)."""
+    hit = urls.get(key) if urls is not None else None
+    if hit and not hit.get("renewing") and time.time() >= hit.get("renew_at", float("inf")):
+        hit["renewing"] = True
+        worker("presign").submit(_refresh, repo, name, urls, key)
+
+
 def _direct(repo, name: str, max_bytes: int, urls: dict | None = None, conditional=False):
     """A presigned GET straight from the bucket (capped by a Range header), or None when the
     server offers none. Large files only, unless ``urls`` holds a valid presigned URL of
@@ -135,7 +154,11 @@ def _direct(repo, name: str, max_bytes: int, urls: dict | None = None, condition
     if not isinstance(repo, MlflowArtifactsRepository):
         return None
     key = f"{repo.artifact_uri.rstrip('/')}/{name}"
-    if (resp := _cached(urls, key, max_bytes, conditional)) is not None:
+    try:
+        resp = _cached(urls, key, max_bytes, conditional)
+    finally:  # (a 304 too: the URL was used)
+        _renew_ahead(repo, name, urls, key)
+    if resp is not None:
         return resp
     if max_bytes < DIRECT_MIN_BYTES:
         if urls is not None and key not in urls:
@@ -162,8 +185,11 @@ def _refresh(repo, name: str, urls: dict, key: str) -> None:
             return
     except Exception:  # noqa: BLE001 - a cache fill: the proxy keeps serving the file
         pass
-    if not urls.get(key, {}).get("url"):
+    hit = urls.get(key, {})
+    if not hit.get("url"):
         urls.pop(key, None)
+    else:
+        hit.pop("renewing", None)  # (a failed renewal is tried again on a later read)
 
 
 def _http_chunks(

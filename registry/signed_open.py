@@ -61,7 +61,7 @@ def open_against_targets(
     if digests is not None:  # on a second core while the key decodes
         hashing = worker("hash").submit(lambda: {n: sha256_bytes(b) for n, b in parts.items()})
     try:
-        key = decode_key(parts["key"])
+        key = decode_key(parts["key"], checksum=False)  # (AEAD-authenticated, signed header)
     except KeyFormatError as err:
         raise IntegrityError(f"key version {tg.key_version}: {err}") from err
     finally:

@@ -55,6 +55,12 @@ def test_flipped_byte_in_values_is_refused(locked):
     data[-3] ^= 0xFF
     with pytest.raises(KeyFormatError, match="checksum"):
         decode_key(bytes(data))
+    # checksum=False (bytes the caller authenticated, a sealed key's part): the flip is not
+    # looked for, and the layout checks still run.
+    flipped = decode_key(bytes(data), checksum=False)
+    assert encode_key(flipped) != encode_key(key)  # (the flipped index or value is in it)
+    with pytest.raises(KeyFormatError):
+        decode_key(bytes(data[: len(data) // 2]), checksum=False)
 
 
 def test_base_file_is_not_a_key(locked):

@@ -157,3 +157,52 @@ def test_direct_s3_artifact_location_same_code(mlflow_server, s3_endpoint, tmp_p
     kv = publish(reg, lm, owner, 1, aliases=("production",))
     assert kv.source.startswith(location)
     assert site.pull().model_sha256 == lm.model_sha256[1]
+
+
+def test_kept_presigned_url_is_renewed_in_the_background_past_half_life(mlflow_server, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    """A fixed-path file's presigned URL is kept: the next read asks the server for none.
+    Past half its life it still serves, and a new one is asked for on the presign worker
+    (not the reader's thread); inside the expiry margin the reader asks for a new one."""
+    import os
+    import threading
+    import time
+
+    from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+
+    from registry import chain as C
+    from registry import fetch as FE
+    from registry import run_io
+    from registry.workers import worker
+
+    reg = KeyRegistry(mlflow_server.tracking_uri, "renew")
+    exp = MlflowClient(mlflow_server.tracking_uri).create_experiment("renew-urls")
+    run_id = reg.client.create_run(exp).info.run_id
+    data = os.urandom(FE.DIRECT_MIN_BYTES + 4096)
+    C.upload(reg, run_id, "fixed", "blob.bin", data)
+    asked, original = [], MlflowArtifactsRepository._get_presigned_download_url
+
+    def spy(repo, name):
+        asked.append(threading.current_thread().name)
+        return original(repo, name)
+
+    monkeypatch.setattr(MlflowArtifactsRepository, "_get_presigned_download_url", spy)
+    urls: dict = {}
+
+    def read(i: int) -> bytes:
+        dst = tmp_path / f"r{i}"
+        run_io.fetch_file(reg, run_id, "fixed/blob.bin", dst, max_bytes=len(data), urls=urls,
+                          durable=False)  # fmt: skip
+        worker("presign").submit(lambda: None).result()  # (a renewal, if any, is done)
+        return dst.read_bytes()
+
+    assert read(0) == data and asked == [threading.current_thread().name]
+    ((key, kept),) = urls.items()
+    assert kept["expires"] > kept["renew_at"] > time.time()
+    assert read(1) == data and len(asked) == 1  # the kept URL: no request to the server
+    kept["renew_at"] = time.time() - 1  # past half its life: used, and renewed beside it
+    assert read(2) == data and asked[1:] == ["adaloc-presign_0"]
+    assert urls[key]["url"] and urls[key]["renew_at"] > time.time()
+    assert urls[key]["etag"] == kept["etag"] and "renewing" not in urls[key]
+    urls[key]["expires"] = time.time() + FE.URL_MARGIN_S / 2  # too close to expiry: asked now
+    assert read(3) == data and asked[2:] == [threading.current_thread().name]
