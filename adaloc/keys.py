@@ -107,17 +107,23 @@ def has_norm_layers(model: nn.Module) -> bool:
     return any(isinstance(m, _NORM_TYPES) for m in model.modules())
 
 
-def default_spec(model: nn.Module, **overrides) -> KeySpec:
-    """The library's key spec for ``model``: one rule per kind of architecture.
+def default_rule(norm_free: bool) -> dict:
+    """The selection rule of :func:`default_spec`: the one rule the library, the flows
+    (``pipelines.config.PipelineConfig.key_spec``) and bench/attacks.py's ``default`` use.
 
-    With norm layers: ``KeySpec()`` (every norm layer in the key cuts the network after
-    each of them; bench/README.md "Attacks"). Without (an MLP): the same spec with
-    ``selection="first"``, the earliest layer's rows, which the default hardening
-    (:func:`adaloc.harden.default_hardening`) makes the only carrier of the features.
-    """
-    if not has_norm_layers(model):
-        overrides = {"selection": "first", **overrides}
-    return KeySpec(**overrides)
+    With norm layers: data-aware ``saliency`` rows besides every norm layer, the head and
+    the stem (the norm layers in the key cut the network after each of them; bench/README.md
+    "Attacks"). Without (an MLP): ``first``, the earliest layer's rows, which the default
+    hardening (:func:`adaloc.harden.default_hardening`) makes the only carrier of the
+    features."""
+    return {"selection": "first" if norm_free else "saliency"}
+
+
+def default_spec(model: nn.Module, **overrides) -> KeySpec:
+    """The library's key spec for ``model``: :func:`default_rule` under ``KeySpec()``'s
+    budget, granularity and forced tensors (``overrides`` win). Saliency needs the owner's
+    data: ``select_key(model, spec, data=...)``."""
+    return KeySpec(**{**default_rule(not has_norm_layers(model)), **overrides})
 
 
 @functools.cache

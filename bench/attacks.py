@@ -460,8 +460,9 @@ def _cpu_seconds() -> float:
 
 def _default_lock(make, seed: int):
     """(KeySpec, hardening) of the ``default`` lock: :func:`adaloc.keys.default_spec` and
-    :func:`adaloc.harden.default_hardening` for ``make()``'s architecture (the CNN: KeySpec()
-    and none; a norm-free MLP: first-layer rows and the alpha-6 probe training + polish).
+    :func:`adaloc.harden.default_hardening` for ``make()``'s architecture, as the flows lock it
+    (the CNN: saliency rows + norm layers + head + stem, no hardening; a norm-free MLP:
+    first-layer rows and the alpha-6 probe training + polish).
     ``--harden-alpha`` / ``--harden-steps`` do not apply to it."""
     model = make()
     hc = default_hardening(model)

@@ -65,6 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--serve-swaps", type=int, default=3,
                    help="hot swaps timed inside a running `adaloc serve` (0 = skip)")  # fmt: skip
+    p.add_argument("--s3", choices=("process", "thread"), default="process",
+                   help="moto S3 in its own process (like a real endpoint) or as a thread of "
+                   "this one, sharing the client's GIL")  # fmt: skip
     p.add_argument("--out", default="runs/bench/pull_vs_full.json")
     return p
 
@@ -331,7 +334,7 @@ def bench_model(name: str, servers: Servers, work: Path, args) -> list[dict]:
                 "pull_phases_s": phases["cold"],
                 "pull_phases_warm_s": phases["warm"],
                 # A long-lived site reuses presigned URLs of fixed-path files (timestamp, a
-                # head's key copy) until shortly before they expire: the server's TTL.
+                # head's key copy), renewed in the background past half the server's TTL.
                 "presigned_url_ttl_s": _url_ttl(),
                 "server_rest_call_s": info["server_rtt_s"],
                 "requests_per_update": {"cold": max(calls["cold"]), "warm": max(calls["warm"])},
@@ -446,10 +449,10 @@ def main(args) -> dict:
         if args.tracking_uri:
             servers, setup = Servers(args.tracking_uri), "given server"
         else:
-            s3 = stack.enter_context(moto_s3("bench", process=True))
+            s3 = stack.enter_context(moto_s3("bench", process=args.s3 == "process"))
             direct = stack.enter_context(mlflow_server(work / "server", s3=s3))
             servers = Servers(direct.tracking_uri)
-            setup = "mlflow server --workers 1 (sqlite) + moto S3 on 127.0.0.1"
+            setup = f"mlflow server --workers 1 (sqlite) + moto S3 ({args.s3}) on 127.0.0.1"
             if any(link["mbit"] is not None for link in links):
                 servers.s3_link = stack.enter_context(shaped_link(s3.url))
                 second = mlflow_server(work / "server", s3=s3, s3_url=servers.s3_link.url)

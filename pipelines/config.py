@@ -183,15 +183,13 @@ class PipelineConfig(VersionedConfig):
 
     def key_spec(self):
         """The :class:`adaloc.keys.KeySpec` this config asks for: ``key``'s fields over the
-        flows' selection rule. With norm layers: data-aware ``saliency`` rows (besides every
-        norm layer, the head and the stem); a norm-free ``mlp``: the library's
-        :func:`adaloc.keys.default_spec` rule, ``first`` (the earliest layer's rows), which the
-        lock flow's hardening (:func:`adaloc.harden.harden_default`) makes the carrier of
-        the features."""
-        from adaloc.keys import KeySpec, norm_free
+        library's rule (:func:`adaloc.keys.default_rule`). With norm layers: data-aware
+        ``saliency`` rows (besides every norm layer, the head and the stem); a norm-free
+        ``mlp``: ``first`` (the earliest layer's rows), which the lock flow's hardening
+        (:func:`adaloc.harden.harden_default`) makes the carrier of the features."""
+        from adaloc.keys import KeySpec, default_rule, norm_free
 
-        rule = {"selection": "first" if norm_free(self.model) else "saliency"}
-        return KeySpec.from_dict({**rule, **self.key})
+        return KeySpec.from_dict({**default_rule(norm_free(self.model)), **self.key})
 
     @property
     def caches_keys(self) -> bool:

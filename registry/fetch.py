@@ -6,8 +6,9 @@ artifact repository MLflow would use, and the stream is cut one byte after ``max
   - ``mlflow-artifacts:`` / http(s) (proxied by ``mlflow server``): a streamed GET, or for
     files >= 1 MiB a ranged GET of a presigned URL when the server offers them. A reader of a
     file at a fixed path (the timestamp, a head's key copy) passes a ``urls`` cache: its
-    presigned URL is kept until shortly before it expires and reused, small files included,
-    so a long-lived site reads them straight from the bucket in one request
+    presigned URL is kept and reused, small files included, so a long-lived site reads them
+    straight from the bucket in one request; past half its life a new one is asked for in
+    the background, and one in its last seconds is not used
   - ``s3://``: a ranged GetObject (the endpoint never sends more than the range)
   - local paths / ``file://``: a bounded read
 Other schemes fall back to MLflow's download plus a size check afterwards.

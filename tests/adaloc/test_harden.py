@@ -112,11 +112,12 @@ def test_key_polish_moves_only_the_key_and_lowers_the_owner_loss(tiny_data):
 
 
 def test_default_rule_hardens_norm_free_nets_only(tiny_data, trained_tiny):
-    """Norm layers -> KeySpec() and no hardening; none -> "first" rows + the probe training."""
+    """Norm layers -> saliency rows and no hardening; none -> "first" rows + the probe
+    training: the rule the flows' config uses too."""
     from adaloc.harden import NORM_FREE_HARDENING, default_hardening, harden_default
     from adaloc.keys import default_spec
 
-    assert default_spec(trained_tiny) == KeySpec()
+    assert default_spec(trained_tiny) == KeySpec(selection="saliency")
     assert default_hardening(trained_tiny) is None
     mask = select_key(trained_tiny, default_spec(trained_tiny, budget=0.3), data=tiny_data)
     assert harden_default(trained_tiny, mask, tiny_data, _fresh()) is trained_tiny
