@@ -116,6 +116,8 @@ def _cached(urls: dict | None, key: str, max_bytes: int, conditional: bool):
     still has the ETag this process last read."""
     hit = urls.get(key) if urls is not None else None
     if hit is None or hit["expires"] - time.time() < URL_MARGIN_S:
+        if hit and hit["url"]:  # (not the placeholder of a first ask, still running)
+            urls.pop(key, None)  # spent: the next read asks for a new one, small files too
         return None
     try:
         resp = _get(hit["url"], hit["headers"], max_bytes, hit.get("etag") if conditional else None)

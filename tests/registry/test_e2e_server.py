@@ -206,3 +206,23 @@ def test_kept_presigned_url_is_renewed_in_the_background_past_half_life(mlflow_s
     assert urls[key]["etag"] == kept["etag"] and "renewing" not in urls[key]
     urls[key]["expires"] = time.time() + FE.URL_MARGIN_S / 2  # too close to expiry: asked now
     assert read(3) == data and asked[2:] == [threading.current_thread().name]
+
+    # A small file (through the server's proxy until its URL is kept, asked for beside the
+    # read): a spent URL is dropped, so the next read asks for a new one the same way.
+    small = os.urandom(4096)
+    C.upload(reg, run_id, "fixed", "small.bin", small)
+    dst = tmp_path / "s"
+
+    def read_small() -> bytes:
+        run_io.fetch_file(reg, run_id, "fixed/small.bin", dst, max_bytes=len(small), urls=urls,
+                          durable=False)  # fmt: skip
+        worker("presign").submit(lambda: None).result()
+        return dst.read_bytes()
+
+    del asked[:]
+    assert read_small() == small and asked == ["adaloc-presign_0"]
+    (skey,) = (k for k in urls if k.endswith("small.bin"))
+    assert read_small() == small and len(asked) == 1 and urls[skey]["url"]
+    urls[skey]["expires"] = time.time() + FE.URL_MARGIN_S / 2
+    assert read_small() == small and asked == ["adaloc-presign_0"] * 2
+    assert urls[skey]["expires"] - time.time() > FE.URL_MARGIN_S
