@@ -23,12 +23,16 @@ def open_against_targets(
     private_key,
     body_sha256: bytes | None = None,
     digests: dict[str, str] | None = None,
+    on_parts=None,
 ) -> tuple[object, dict[str, bytes]]:
     """(adaloc Key, decrypted parts) of ``blob`` for ``recipient_id``; IntegrityError if the
     blob disagrees with the signed targets, TrustError if the root does not name its signer.
     ``body_sha256``: see ``sealing.verify_sealed`` (hashed as the blob downloaded).
     ``digests``: filled with the sha256 of each decrypted part, hashed on a second core
-    while the key decodes (hashlib drops the GIL), for a caller that records them."""
+    while the key decodes (hashlib drops the GIL), for a caller that records them.
+    ``on_parts``: called with the parts once they are authenticated (AEAD under a signer of
+    the root, header matching the targets), before the key decodes: a site starts writing
+    its install there. The decode's layout checks can still refuse the key after it."""
     from adaloc.artifact import decode_key
     from adaloc.errors import KeyFormatError
 
@@ -57,6 +61,8 @@ def open_against_targets(
         )
     if ("token" in parts) != tg.token:
         raise IntegrityError(f"key version {tg.key_version}: token presence differs from targets")
+    if on_parts is not None:
+        on_parts(parts)
     hashing = None
     if digests is not None:  # on a second core while the key decodes
         hashing = worker("hash").submit(lambda: {n: sha256_bytes(b) for n, b in parts.items()})

@@ -203,10 +203,13 @@ class Site(SiteTrust, SiteInstalled):
         # A head by name (latest / production / alias): its key copy is asked for in the same
         # round as the timestamp. Other versions: the key is prefetched while their targets
         # record is read. Either is used only when it matches the signed entry.
+        # The timestamp is asked for first: on a shared link its small answer then comes
+        # ahead of the key copy's bytes instead of queued behind them.
+        first = self._timestamp_probe()
         head = self._head_prefetch(keys_dir, ref)
         prefetch = None
         try:
-            ts, root = self._signed_state(allow_rollback, defer=pending.append)
+            ts, root = self._signed_state(allow_rollback, defer=pending.append, first=first)
             reg = self.registry()
             version = IO.resolve_ref(ts, root, ref)
             records = RC.RecordCache(self.directory / RC.RECORDS_DIR)
@@ -303,38 +306,53 @@ class Site(SiteTrust, SiteInstalled):
 
         t = time.perf_counter()
         digests: dict[str, str] = {}
-        key, parts = self._open(blob, tg, root, body_sha256, digests)
-        seconds["verify_decrypt"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        new_state = {
-            "version": version,
-            "parent": tg.parent,
-            "mlflow_version": version,
-            "base_sha256": tg.base_sha256,
-            "model_sha256": tg.model_sha256,
-            "key_sha256": digests["key"],
-            "card_sha256": tg.files[MODEL_CARD_FILE].sha256,
-            "token_sha256": digests.get("token"),
-            "token": "token" in parts,
-            "base_file_sha256": tg.files[BASE_FILE].sha256,
-            "base_bytes": tg.files[BASE_FILE].length,
-            "targets_sha256": entry.sha256,
-            "timestamp_counter": ts.counter,
-            "gate_passed": tg.gate.passed,
-            "ref": str(ref),
-            "installed_at": _now(),
-            "previous": previous,
-        }
         staging = F.new_set_dir(self.directory, version)
-        card = (base_dir / MODEL_CARD_FILE).read_bytes()
-        files = {
-            KEY_FILE: parts["key"],
-            MODEL_CARD_FILE: card,
-            **({TOKEN_FILE: parts["token"]} if "token" in parts else {}),
-            F.STATE_FILE: (json.dumps(new_state, indent=2, sort_keys=True) + "\n").encode(),
-        }
-        F.write_set_files(staging, files)
+        card_file = base_dir / MODEL_CARD_FILE
+        staged = []  # the set's key (and token) written and fsynced on a second thread, from
+        # the moment the parts are authenticated, while the key decodes and is checked: the
+        # fsync of the key's bytes is most of an install's time and needs no GIL
+
+        def stage(parts: dict[str, bytes]) -> None:
+            secret = {KEY_FILE: parts["key"]}
+            if "token" in parts:
+                secret[TOKEN_FILE] = parts["token"]
+            staged.append(worker("install").submit(F.write_set_files, staging, secret))
+
+        try:
+            try:
+                key, parts = self._open(blob, tg, root, body_sha256, digests, on_parts=stage)
+            finally:
+                seconds["verify_decrypt"] = time.perf_counter() - t
+                t = time.perf_counter()
+            new_state = {
+                "version": version,
+                "parent": tg.parent,
+                "mlflow_version": version,
+                "base_sha256": tg.base_sha256,
+                "model_sha256": tg.model_sha256,
+                "key_sha256": digests["key"],
+                "card_sha256": tg.files[MODEL_CARD_FILE].sha256,
+                "token_sha256": digests.get("token"),
+                "token": "token" in parts,
+                "base_file_sha256": tg.files[BASE_FILE].sha256,
+                "base_bytes": tg.files[BASE_FILE].length,
+                "targets_sha256": entry.sha256,
+                "timestamp_counter": ts.counter,
+                "gate_passed": tg.gate.passed,
+                "ref": str(ref),
+                "installed_at": _now(),
+                "previous": previous,
+            }
+            card = card_file.read_bytes()
+            F.link_set_file(staging, MODEL_CARD_FILE, card_file)  # durable in the base cache
+            state_json = (json.dumps(new_state, indent=2, sort_keys=True) + "\n").encode()
+            F.write_set_files(staging, {F.STATE_FILE: state_json})
+            for done in staged:
+                done.result()  # (raises a failed write: the set is not switched to)
+        except BaseException:
+            wait(staged)  # then nothing of a refused key stays on disk
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         F.switch_current(self.directory, staging)
         seconds["install"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0
@@ -351,7 +369,10 @@ class Site(SiteTrust, SiteInstalled):
             Verified(key, card, parts.get("token")),
         )
 
-    def _open(self, blob, tg: T.TargetsSigned, root: T.RootSigned, body_sha256=None, digests=None):
+    def _open(
+        self, blob, tg: T.TargetsSigned, root: T.RootSigned, body_sha256=None, digests=None,
+        on_parts=None,
+    ):  # fmt: skip
         """(Key, parts): the sealed blob's owner signature and header checked against the
         targets, then decrypted and decoded."""
         return open_against_targets(
@@ -362,6 +383,7 @@ class Site(SiteTrust, SiteInstalled):
             private_key=F.load_site_key(self.directory / SITE_PRIVATE_FILE),
             body_sha256=body_sha256,
             digests=digests,
+            on_parts=on_parts,
         )
 
     def _base_dir(self, base_sha256: str) -> Path:

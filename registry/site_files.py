@@ -176,14 +176,13 @@ def new_set_dir(site_dir: Path, version: int) -> Path:
     return staging
 
 
-def write_set_file(staging: Path, name: str, data: bytes, *, mode: int = 0o600) -> None:
-    """One file of a set being staged: written and fsynced in place. No temp file + rename
-    per file: the staging folder is private and appears whole by :func:`switch_current`."""
-    fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def link_set_file(staging: Path, name: str, source: Path) -> None:
+    """A set's copy of a file the site already holds durably (the base's model card): a hard
+    link, no bytes written or fsynced; a copy where links are not possible."""
+    try:
+        os.link(source, staging / name)
+    except OSError:
+        write_set_files(staging, {name: source.read_bytes()})
 
 
 def write_set_files(staging: Path, files: dict[str, bytes], *, mode: int = 0o600) -> None:
@@ -210,7 +209,7 @@ def switch_current(site_dir: Path, staging: Path) -> Path:
     """Publish ``staging`` as the installed set: rename it, then atomically swap ``current``."""
     from adaloc.fsutil import _fsync_dir
 
-    _fsync_dir(staging)  # its entries (written by write_set_file) before it is renamed
+    _fsync_dir(staging)  # its entries (written by write_set_files) before it is renamed
     final = staging.with_name(staging.name[1:].removesuffix(".partial"))
     os.replace(staging, final)
     _fsync_dir(final.parent)

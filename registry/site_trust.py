@@ -5,9 +5,11 @@ its expiry, and the rollback guard (the highest timestamp counter seen). A mixin
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from registry import record_cache as RC
+from registry import run_io
 from registry import site_files as F
 from registry import trust as T
 from registry import trust_io as IO
@@ -29,12 +31,33 @@ class SiteTrust:
 
     _root_seen: tuple | None = None  # ((trusted-root bytes, owner pem), its verified root)
 
-    def _newest_timestamp(self, trusted: T.RootSigned):
+    def _timestamp_probe(self):
+        """The hinted trust run's timestamp, asked for now on a worker thread (a future for
+        ``_signed_state(first=)``), or None without a usable hint. A pull starts it before its
+        head key copy, so the small answer is not queued behind the key's bytes."""
+        try:
+            reg = self.registry()
+        except RegistryError:
+            return None  # the same error is raised, in its order, by the pull itself
+        hint = self._hint or ()
+        if not hint or hint[0] not in run_io._uris(reg):
+            return None
+        started = threading.Event()
+
+        def probe():
+            started.set()
+            return IO.probe_timestamp(reg, hint[0])
+
+        fut = worker("probe").submit(probe)
+        started.wait(0.05)  # the key copy's request is made after this one has begun
+        return fut
+
+    def _newest_timestamp(self, trusted: T.RootSigned, first=None):
         """IO.newest_timestamp, started from the last pull's hints; stale hints (a failure
         while using them) are dropped and the lookup done again without them."""
         reg = self.registry()
         try:
-            got = IO.newest_timestamp(reg, trusted, hint=self._hint)
+            got = IO.newest_timestamp(reg, trusted, hint=self._hint, first=first)
         except Exception:
             if not self._hint:
                 raise
@@ -83,14 +106,16 @@ class SiteTrust:
         self._root_seen = ((raw, owner), root)
         return root
 
-    def _signed_state(self, allow_rollback: bool, *, persist: bool = True, defer=None):
+    def _signed_state(
+        self, allow_rollback: bool, *, persist: bool = True, defer=None, first=None
+    ):  # fmt: skip
         """(timestamp, root): the newest verified timestamp, fresh and not rolled back.
         ``defer``: the seen-counter write is handed to it (a pull's writer thread) rather than
-        done here; the pull waits for it before it returns."""
-        trusted = self._trusted_root()  # local files first: a bad one fails before any I/O
+        done here; the pull waits for it before it returns. ``first``: see _timestamp_probe."""
+        trusted = self._trusted_root()  # local files first: a bad one fails before any write
         reg = self.registry()
         env, ts, root, run_id = self._online(
-            "read signed records", lambda: self._newest_timestamp(trusted)
+            "read signed records", lambda: self._newest_timestamp(trusted, first)
         )
         reg = self.registry()  # (re-made when stale hints were dropped)
         IO.check_fresh(ts)

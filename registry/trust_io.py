@@ -128,7 +128,7 @@ def _cap(legacy: bool) -> int:
     return T.MAX_TIMESTAMP_V1_BYTES if legacy else T.MAX_TIMESTAMP_BYTES
 
 
-def _probe_timestamp(store, run_id: str, legacy: bool = False) -> bytes | None:
+def probe_timestamp(store, run_id: str, legacy: bool = False) -> bytes | None:
     """The run's timestamp bytes in one try, or None (absent, or a transient error)."""
     try:
         return read_artifact(
@@ -178,7 +178,13 @@ def _candidate(store, run_id: str, trusted: T.RootSigned, data: bytes | None, le
 
 
 def newest_timestamp(
-    store, trusted: T.RootSigned, *, at=None, hint: tuple[str, ...] = (), legacy: bool = False
+    store,
+    trusted: T.RootSigned,
+    *,
+    at=None,
+    hint: tuple[str, ...] = (),
+    legacy: bool = False,
+    first=None,
 ):
     """(envelope, record, root, run_id) of the highest valid timestamp across trust runs.
 
@@ -189,6 +195,7 @@ def newest_timestamp(
     the search (the owner writes only there; see docs/SECURITY.md). Roots are walked per
     candidate run to the root version its timestamp names (each step verified). Raises the
     most telling error when no candidate verifies (TrustError / ExpiredError / NotFound).
+    ``first``: a future of ``probe_timestamp(store, hint[0])`` the caller already started.
     """
     best, errors = None, []
     known = run_io._uris(store)
@@ -197,7 +204,7 @@ def newest_timestamp(
         # trust run, is the one the owner writes (it never writes another run), so the
         # search can only find replays or forgeries: one request instead of two rounds.
         try:
-            data = _probe_timestamp(store, hint[0], legacy)
+            data = first.result() if first is not None else probe_timestamp(store, hint[0], legacy)
             got = _candidate(store, hint[0], trusted, data, legacy)
         except RegistryError:
             got = None
@@ -206,7 +213,7 @@ def newest_timestamp(
     with ThreadPoolExecutor(max_workers=MAX_TRUST_RUNS + 1) as pool:
 
         def start(run_id: str):
-            return pool.submit(_probe_timestamp, store, run_id, legacy)
+            return pool.submit(probe_timestamp, store, run_id, legacy)
 
         early = {r: start(r) for r in hint[:MAX_TRUST_RUNS] if r in known}
         runs = trust_runs(store)

@@ -149,3 +149,28 @@ def test_key_for_another_base_is_refused(world, tmp_path):
     reg.client.set_model_version_tag(reg.key_name, str(kv.mlflow_version), "base_sha256",
                                      sites["good"].installed()["base_sha256"])  # fmt: skip
     _refused(site, "other", match="for base")
+
+
+def test_authenticated_key_that_does_not_decode_leaves_nothing_behind(world, locked, monkeypatch):
+    """A site starts writing an install as soon as the sealed parts authenticate, before the
+    key decodes: a key the owner's own tool sealed wrong (v1's artifact under a later
+    version's header) is refused by the decode's checks, and no staged file stays on disk."""
+    import copy
+
+    from adaloc.artifact import encode_key
+
+    reg, owner, _, _ = world
+    seal, wrong = OwnerKeyring.seal, encode_key(locked.keys[1])
+
+    def sealing_a_wrong_artifact(self, parts, header):
+        return seal(self, {**parts, "key": wrong}, header)
+
+    key = copy.copy(locked.keys[3])
+    key.version, key.parent = max(kv.version for kv in reg.history()) + 1, 2
+    monkeypatch.setattr(OwnerKeyring, "seal", sealing_a_wrong_artifact)
+    reg.publish_key(key, owner=owner, model_sha256=locked.model_sha256[3], aliases=("wrong",))
+    monkeypatch.undo()
+    site = _fresh_site(world, "good")
+    sets_before = sorted(p.name for p in (site.directory / "installs").iterdir())
+    _refused(site, "wrong", match=f"key artifact says version 1, targets say {key.version}")
+    assert sorted(p.name for p in (site.directory / "installs").iterdir()) == sets_before
