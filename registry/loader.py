@@ -106,6 +106,10 @@ class LoadedModel:
     key: object = field(repr=False)  # adaloc.lock.Key written into ``model`` now
     base_rows: dict = field(repr=False)  # the base's values at ``key``'s positions
     lock: ReadWriteLock = field(default_factory=ReadWriteLock, repr=False)
+    # The module's own tensors by name (its state_dict) and their row views by (name,
+    # granularity), made once: a swap writes into them (parameters are never replaced).
+    state: dict | None = field(default=None, repr=False)
+    views: dict = field(default_factory=dict, repr=False)
 
     @property
     def keyed(self) -> tuple[str, ...]:
@@ -198,13 +202,18 @@ def _decode_key(files: InstalledFiles):
     return key
 
 
-def _rows(state: dict, name: str, granularity: str) -> torch.Tensor:
+def _rows(state: dict, name: str, granularity: str, views: dict | None = None) -> torch.Tensor:
+    """``state[name]`` as rows at ``granularity`` (a view); kept in ``views`` when given."""
     from adaloc.keys import rows_view
 
+    if views is not None and (got := views.get((name, granularity))) is not None:
+        return got
     t = state[name]
     rows = rows_view(t, granularity)
     if rows.data_ptr() != t.data_ptr() or not t.is_contiguous():
         raise IntegrityError(f"tensor {name} cannot be written in place")  # never for our nets
+    if views is not None:
+        views[name, granularity] = rows
     return rows
 
 
@@ -217,10 +226,13 @@ def _same_positions(key, old) -> bool:
 
 
 @torch.no_grad()
-def _write_key(state: dict, key, old=None, base_rows: dict | None = None) -> dict:
+def _write_key(
+    state: dict, key, old=None, base_rows: dict | None = None, views: dict | None = None
+) -> dict:
     """Write ``key``'s values into ``state``'s own tensors (in place); return the base's
     values at its positions. ``old`` (the key written now) and its ``base_rows`` put the base
-    back first where the positions differ, so any key can follow any other."""
+    back first where the positions differ, so any key can follow any other. ``views``: the
+    row views of earlier writes (see LoadedModel.views), reused and extended."""
     from adaloc.errors import KeyMismatchError
     from adaloc.lock import _check_fits
 
@@ -233,7 +245,7 @@ def _write_key(state: dict, key, old=None, base_rows: dict | None = None) -> dic
                 got = None if v is None else tuple(v.shape)
                 raise KeyMismatchError(f"key values for {name!r} have shape {got}, expected {want}")
         for name, idx in key.mask.indices.items():
-            rows = _rows(state, name, g)
+            rows = _rows(state, name, g, views)
             rows.index_copy_(0, idx.to(rows.device), key.values[name].to(rows.device, rows.dtype))
         return dict(base_rows or {})
     _check_fits(state, key.mask, key.values)  # before any write
@@ -242,11 +254,11 @@ def _write_key(state: dict, key, old=None, base_rows: dict | None = None) -> dic
         for name, idx in old.mask.indices.items():
             new_idx = key.mask.indices.get(name)
             if new_idx is None or g != old.mask.granularity or not torch.equal(idx, new_idx):
-                _rows(state, name, old.mask.granularity)[idx.to(state[name].device)] = rows_out.pop(
-                    name
+                _rows(state, name, old.mask.granularity, views)[idx.to(state[name].device)] = (
+                    rows_out.pop(name)
                 )
     for name, idx in key.mask.indices.items():
-        rows = _rows(state, name, g)
+        rows = _rows(state, name, g, views)
         idx = idx.to(rows.device)
         if name not in rows_out:
             rows_out[name] = rows[idx].clone()
@@ -284,12 +296,13 @@ def load_model(site_dir, *, device: str | None = None, verify: bool = True) -> L
     key = _decode_key(files)
     model = _module(card, {k: v.to(dev) for k, v in base_state.items()}, dev)
     state = model.state_dict()  # the module's own tensors (views): written in place
-    base_rows = _write_key(state, key)
+    views: dict = {}
+    base_rows = _write_key(state, key, views=views)
     if verify:
         _check(state, files)
     return LoadedModel(
         model, files.version, files.base_sha256, files.model_sha256, card, token, dev,
-        key, base_rows,
+        key, base_rows, state=state, views=views,
     )  # fmt: skip
 
 
@@ -324,14 +337,16 @@ def swap_key(current: LoadedModel, site_dir, *, verify: bool = False, pulled=Non
     key = got.key if got is not None else _decode_key(files)
     token = Token.from_bytes(files.token) if files.token else None
     with current.lock.write():
-        state = current.model.state_dict()
+        if current.state is None:
+            current.state = current.model.state_dict()
+        state, views = current.state, current.views
         old, old_rows = current.key, current.base_rows
-        rows = _write_key(state, key, old, old_rows)
+        rows = _write_key(state, key, old, old_rows, views)
         if verify:
             try:
                 _check(state, files)
             except IntegrityError:
-                _write_key(state, old, key, rows)
+                _write_key(state, old, key, rows, views)
                 raise
         current.key, current.base_rows, current.card, current.token = key, rows, card, token
         current.version, current.model_sha256 = files.version, files.model_sha256

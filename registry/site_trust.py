@@ -5,7 +5,6 @@ its expiry, and the rollback guard (the highest timestamp counter seen). A mixin
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 from registry import record_cache as RC
@@ -42,15 +41,7 @@ class SiteTrust:
         hint = self._hint or ()
         if not hint or hint[0] not in run_io._uris(reg):
             return None
-        started = threading.Event()
-
-        def probe():
-            started.set()
-            return IO.probe_timestamp(reg, hint[0])
-
-        fut = worker("probe").submit(probe)
-        started.wait(0.05)  # the key copy's request is made after this one has begun
-        return fut
+        return worker("probe").submit(IO.probe_timestamp, reg, hint[0])
 
     def _newest_timestamp(self, trusted: T.RootSigned, first=None):
         """IO.newest_timestamp, started from the last pull's hints; stale hints (a failure
