@@ -192,6 +192,38 @@ def key_polish(model: nn.Module, pos: dict, train, cfg: HardenConfig, g) -> None
 _PASS = (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity)
 
 
+def _chain_pairs(model: nn.Module) -> list:
+    """``(producer, its BatchNorm or None, consumer)`` module pairs of an ``nn.Sequential``
+    chain where only ReLU-like (positively homogeneous) layers sit between the two: scaling a
+    producer unit's output by a > 0 and the consumer's input column by 1 / a keeps the
+    function."""
+    mods = list(model.named_children()) if isinstance(model, nn.Sequential) else []
+    pairs, producer = [], None
+    for name, m in mods:
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if producer is not None:
+                pairs.append((producer[0], producer[1], (name, m)))
+            producer = [(name, m), None]
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and producer is not None:
+            producer[1] = m
+        elif not isinstance(m, _PASS):
+            producer = None  # anything else: not known to commute with positive scaling
+    return pairs
+
+
+def _rescale(p: nn.Module, bn, cols: torch.Tensor, a: torch.Tensor) -> None:
+    """Unit j's output times a[j] (its row and bias, or its BatchNorm scale and shift), its
+    outgoing column divided by a[j]: the same function."""
+    cols.div_(a[None, :, None])
+    if bn is not None:
+        bn.weight.mul_(a)
+        bn.bias.mul_(a)
+    else:
+        p.weight.mul_(a.view(-1, *([1] * (p.weight.dim() - 1))))
+        if p.bias is not None:
+            p.bias.mul_(a)
+
+
 @torch.no_grad()
 def balance_fanout(model: nn.Module, mask: KeyMask | None = None) -> nn.Module:
     """Give every hidden unit the same outgoing weight norm, without changing the function.
@@ -206,22 +238,11 @@ def balance_fanout(model: nn.Module, mask: KeyMask | None = None) -> nn.Module:
     and is skipped. Works on ``nn.Sequential`` chains (cnn, mlp); returns a new model.
     """
     model = copy.deepcopy(model)
-    mods = list(model.named_children()) if isinstance(model, nn.Sequential) else []
     whole = set()
     if mask is not None:
         state = model.state_dict()
         whole = {n for n, i in mask.indices.items() if i.numel() == len(state[n]) and n in state}
-    pairs, producer = [], None
-    for name, m in mods:
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            if producer is not None:
-                pairs.append((producer, (name, m)))
-            producer = [(name, m), None]
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and producer is not None:
-            producer[1] = m
-        elif not isinstance(m, _PASS):
-            producer = None  # anything else: not known to commute with positive scaling
-    for (_pname, p), bn, (cname, c) in ((pr[0], pr[1], co) for pr, co in reversed(pairs)):
+    for (_pname, p), bn, (cname, c) in reversed(_chain_pairs(model)):
         if f"{cname}.weight" in whole:
             continue
         units = bn.num_features if bn is not None else p.weight.shape[0]
@@ -229,15 +250,54 @@ def balance_fanout(model: nn.Module, mask: KeyMask | None = None) -> nn.Module:
             continue
         cols = c.weight.view(c.weight.shape[0], units, -1)
         norm = cols.pow(2).sum((0, 2)).sqrt()
-        a = (norm / norm.mean()).clamp_min(1e-6)
-        cols.div_(a[None, :, None])
-        if bn is not None:
-            bn.weight.mul_(a)
-            bn.bias.mul_(a)
-        else:
-            p.weight.mul_(a.view(-1, *([1] * (p.weight.dim() - 1))))
-            if p.bias is not None:
-                p.bias.mul_(a)
+        _rescale(p, bn, cols, (norm / norm.mean()).clamp_min(1e-6))
+    return model
+
+
+@torch.no_grad()
+def hide_fanout(model: nn.Module, mask: KeyMask, *, seed: int = 0) -> nn.Module:
+    """Give each *keyed* unit the fan-out of a random public unit of its layer, keeping the
+    function: its row (secret: in the key) and its outgoing column (public) are rescaled as
+    in :func:`balance_fanout`, while public units are left as they are.
+
+    Where :func:`balance_fanout` changes every public row (and so moved the signal into the
+    row norms), this touches only what the key hides plus the keyed units' columns, whose
+    norms become draws from the public units' own norms. Training that leans on the key
+    (the probe hardening) grows the keyed units' outgoing weights whatever the selection;
+    this is applied after it, just before the lock. Row-granularity keys on
+    ``nn.Sequential`` chains; a producer keyed whole (no public unit to copy), a consumer
+    keyed whole (its columns are hidden) or a BatchNorm outside the key (it would carry the
+    scale in public) is skipped. Returns a new model."""
+    model = copy.deepcopy(model)
+    if mask.granularity != "row":
+        return model
+    g = torch.Generator().manual_seed(seed)
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def whole(module: nn.Module) -> bool:
+        idx = mask.indices.get(f"{names[id(module)]}.weight")
+        return idx is not None and idx.numel() == module.weight.shape[0]
+
+    for (pname, p), bn, (_cname, c) in reversed(_chain_pairs(model)):
+        keyed = mask.indices.get(f"{pname}.weight")
+        units = p.weight.shape[0]
+        if (
+            keyed is None
+            or keyed.numel() in (0, units)
+            or c.weight.shape[1] % units
+            or whole(c)
+            or (bn is not None and not whole(bn))
+        ):
+            continue
+        cols = c.weight.view(c.weight.shape[0], units, -1)
+        norm = cols.pow(2).sum((0, 2)).sqrt()
+        public = torch.ones(units, dtype=torch.bool)
+        public[keyed] = False
+        pool = norm[public.to(norm.device)].cpu()
+        target = pool[torch.randint(0, len(pool), (keyed.numel(),), generator=g)]
+        a = torch.ones(units)
+        a[keyed] = (norm[keyed.to(norm.device)].cpu() / target.clamp_min(1e-12)).clamp_min(1e-6)
+        _rescale(p, bn, cols, a.to(norm.device, norm.dtype))
     return model
 
 

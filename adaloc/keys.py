@@ -48,6 +48,12 @@ class KeySpec:
         "freeze" keeps them fixed (BatchNorm runs in eval mode during key-only updates).
     include_stem: put the whole input stem (the first convolution, with its bias) in the
         key: it sees every input statistic, so an update can undo an input shift there.
+    match_fanout: within each weight tensor, take the rows spread evenly over the rank
+        order of their *fan-out* (the norm of what the unit feeds into the next weight
+        tensor, which stays public), the best-scored row of each stratum, instead of the
+        best-scored rows overall. A data-aware selection takes units with large outgoing
+        weights, so the fan-out tells an attacker where the key is; matched, the keyed
+        units' fan-outs are a sample of the tensor's own (bench/README.md "Attacks").
     """
 
     budget: float = 0.05
@@ -58,6 +64,7 @@ class KeySpec:
     include_head: bool = True
     bn_stats: str = "key"
     include_stem: bool = True
+    match_fanout: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, (int, float)) or not 0.0 < float(self.budget) < 1.0:
@@ -253,6 +260,29 @@ def _saliency(
     return grads
 
 
+def fanout(params: dict, name: str) -> torch.Tensor | None:
+    """Per row of weight tensor ``name``: the norm of its unit's outgoing weights in the next
+    weight tensor (in ``params`` order) whose input width is a multiple of its row count,
+    as an observer of the public weights reads it; None when no such tensor follows."""
+    names = [n for n, p in params.items() if p.dim() >= 2]
+    c = params[name].shape[0]
+    for nxt in names[names.index(name) + 1 :]:
+        v = params[nxt].detach()
+        if v.shape[1] % c == 0:
+            return v.float().reshape(v.shape[0], c, -1).pow(2).sum((0, 2)).sqrt().cpu()
+    return None
+
+
+def _fanout_strata(params: dict, cand: list[str], k: int, score: torch.Tensor, n: int):
+    """``n`` rows of ``cand[k]``: its rows sorted by fan-out, cut into ``n`` equal strata,
+    the best-scored row of each (the top ``n`` by score when no fan-out is defined)."""
+    f = fanout(params, cand[k])
+    if f is None:
+        return torch.sort(torch.argsort(score, descending=True)[:n]).values
+    strata = torch.tensor_split(torch.argsort(f), n)
+    return torch.sort(torch.stack([s[torch.argmax(score[s])] for s in strata])).values
+
+
 def select_key(model: nn.Module, spec: KeySpec, *, data=None) -> KeyMask:
     """Choose the key positions of ``model`` under ``spec`` (deterministic for a seed).
 
@@ -315,6 +345,8 @@ def select_key(model: nn.Module, spec: KeySpec, *, data=None) -> KeyMask:
     take = order[torch.cumsum(cost[order].double(), 0) <= budget - used]
     for k, name in enumerate(cand):
         rows = torch.sort(row_t[take[owner_t[take] == k]]).values
+        if spec.match_fanout and gran == "row" and rows.numel():
+            rows = _fanout_strata(params, cand, k, scores[k], rows.numel())
         if rows.numel():
             indices[name] = rows
             if biases[k] is not None:

@@ -17,6 +17,8 @@ from adaloc.errors import ConfigError, KeyMismatchError
 from adaloc.keys import KeyMask, rows_view
 
 FILLS = ("zeros", "noise", "matched", "profile")
+# fills that take their rows from a second network of the same architecture (lock(donor=))
+DONOR_FILLS = ("decoy",)
 # measured by bench/attacks.py: hides the key positions best, at no cost (unlock is exact)
 DEFAULT_FILL = "matched"
 # "matched" fill: multiplicative jitter on a donor row, so no filled row is a copy of a real one
@@ -197,23 +199,74 @@ def _fill_profile(t: torch.Tensor, idx: torch.Tensor, granularity: str, g: torch
     rows[sel] = (src * (1 + eps[:, None] * xi)).to(t.dtype).to(t.device)
 
 
-def lock(model: nn.Module, mask: KeyMask, *, fill: str = DEFAULT_FILL, seed: int = 0):
+def decoy_mask(mask: KeyMask, state: dict[str, torch.Tensor], seed: int = 0) -> KeyMask:
+    """Where a decoy donor is keyed when it is hardened: as many rows per partly keyed
+    tensor as ``mask``, drawn from the rows ``mask`` leaves out (a row's bias with it), the
+    tensors keyed whole as they are. Hardening pushes the features into the keyed rows, so
+    the donor's rows at ``mask``'s positions are then *public-like* rows, which is what the
+    decoy fill must look like (donor hardened with ``mask`` itself: its rows look keyed;
+    bench/README.md "Attacks")."""
+    g, out = torch.Generator().manual_seed(seed), {}
+    for n, idx in mask.indices.items():
+        rows = rows_view(state[n], mask.granularity).shape[0]
+        if idx.numel() in (0, rows) or not n.endswith("weight"):
+            out[n] = idx
+            continue
+        free = torch.ones(rows, dtype=torch.bool)
+        free[idx.cpu()] = False
+        pool = free.nonzero().view(-1)
+        out[n] = torch.sort(pool[torch.randperm(len(pool), generator=g)[: idx.numel()]]).values
+    for n in mask.indices:
+        w = n[: -len("bias")] + "weight"
+        if n.endswith("bias") and w in out and mask.indices[n].numel() < state[n].shape[0]:
+            out[n] = out[w]
+    return KeyMask(out, mask.granularity)
+
+
+def _fill_decoy(t: torch.Tensor, d: torch.Tensor | None, name: str, mask: KeyMask) -> None:
+    if d is None or d.shape != t.shape:
+        raise ConfigError(f"decoy donor has no tensor {name!r} of shape {list(t.shape)}")
+    rows, idx = rows_view(t, mask.granularity), mask.indices[name].to(t.device)
+    if idx.numel() == rows.shape[0]:
+        rows.zero_()  # keyed whole: disclosed by the card; zeros keep the base at chance
+    else:
+        rows[idx] = rows_view(d, mask.granularity)[idx.to(d.device)].to(t.device, t.dtype)
+
+
+def lock(
+    model: nn.Module,
+    mask: KeyMask,
+    *,
+    fill: str = DEFAULT_FILL,
+    seed: int = 0,
+    donor: nn.Module | None = None,
+):
     """Split ``model`` into (base, key): the base has its key positions filled.
 
     fill: "zeros" (the paper's: the key positions are visible as zeros), "noise" (Gaussian
     with the spread of the tensor's non-key values) or "matched" (donor rows of the same
-    tensor, see :func:`_fill_matched`: the positions do not stand out).
+    tensor, see :func:`_fill_matched`: the positions do not stand out), "profile"
+    (:func:`_fill_profile`), or "decoy": the rows of ``donor``, a second network of the
+    same architecture trained (and hardened) like ``model``, at the same positions; every
+    filled row is then a real trained row, of another network. Tensors keyed whole are
+    zeroed by "decoy" as by "matched" (the card names them; a decoy head would make the
+    base a working model).
     """
-    if fill not in FILLS:
-        raise ConfigError(f"fill {fill!r} is unknown; use one of {FILLS}")
+    if fill not in FILLS + DONOR_FILLS:
+        raise ConfigError(f"fill {fill!r} is unknown; use one of {FILLS + DONOR_FILLS}")
+    if (donor is None) != (fill not in DONOR_FILLS):
+        raise ConfigError(f"fill {fill!r} {'needs' if donor is None else 'takes no'} donor=")
     base = copy.deepcopy(model)
     state = base.state_dict()
     _check_fits(state, mask)
+    donor_state = donor.state_dict() if donor is not None else {}
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name in mask.names:
             t = state[name]
-            if fill == "profile":
+            if fill == "decoy":
+                _fill_decoy(t, donor_state.get(name), name, mask)
+            elif fill == "profile":
                 _fill_profile(t, mask.indices[name], mask.granularity, g)
             elif fill == "matched":
                 _fill_matched(t, mask.indices[name], mask.granularity, g)

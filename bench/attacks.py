@@ -46,9 +46,15 @@ from adaloc.attacks import (
 )
 from adaloc.data import load_dataset, make_stages
 from adaloc.evaluate import accuracy, chance_level
-from adaloc.harden import HardenConfig, balance_fanout, default_hardening, nontransferable
+from adaloc.harden import (
+    HardenConfig,
+    balance_fanout,
+    default_hardening,
+    hide_fanout,
+    nontransferable,
+)
 from adaloc.keys import KeyMask, KeySpec, default_spec, select_key
-from adaloc.lock import FILLS, lock, random_key, unlock
+from adaloc.lock import DONOR_FILLS, FILLS, decoy_mask, lock, random_key, unlock
 from adaloc.models import build_model
 from adaloc.token import Token
 from adaloc.training import TrainConfig, fit
@@ -64,6 +70,13 @@ LOCKS = {
     # lock()'s fill, default_spec() and default_hardening() of the model (_default_lock)
     "paper": ({"selection": "magnitude", "include_norm": False, "include_head": False}, "zeros"),
     "default": ({}, DEFAULT_FILL),
+    # the default lock with its rows spread over the fan-out ranks (KeySpec.match_fanout),
+    # or with each keyed unit given a public unit's fan-out after hardening (hide_fanout)
+    "default_fanout": ({"match_fanout": True}, DEFAULT_FILL),
+    "default_hidefan": ({}, DEFAULT_FILL, "hide_fanout"),
+    # the default rule, each keyed row filled with a public-like row of a second network
+    # trained (and hardened elsewhere) like the owner: adaloc.lock.decoy_mask
+    "default_decoy": ({}, "decoy"),
     "zeros": ({}, "zeros"),
     "matched": ({}, "matched"),
     "noise": ({}, "noise"),
@@ -222,6 +235,14 @@ def main(args: argparse.Namespace) -> dict:
     specs = {name: KeySpec(**LOCKS[name][0]) for name in lock_names}
     if "default" in lock_names:  # the library's rule for this architecture, as the flows use
         specs["default"], hardens["default"] = _default_lock(make, args.seed)
+    if "default_fanout" in lock_names:
+        spec, hardens["default_fanout"] = _default_lock(make, args.seed)
+        specs["default_fanout"] = dataclasses.replace(spec, match_fanout=True)
+    if "default_hidefan" in lock_names:
+        extra = ("hide_fanout",)
+        specs["default_hidefan"], hardens["default_hidefan"] = _default_lock(make, args.seed, extra)
+    if "default_decoy" in lock_names:
+        specs["default_decoy"], hardens["default_decoy"] = _default_lock(make, args.seed)
     fills = {name: LOCKS[name][1] for name in lock_names}
     draws = {
         (frac, rep): attacker_split(
@@ -247,7 +268,16 @@ def main(args: argparse.Namespace) -> dict:
             mask = select_key(owner, spec, data=owner_train)
             t_h = time.perf_counter()
             model = harden(owner, mask, owner_train) if harden else owner
-            base, key = lock(model, mask, fill=fill, seed=args.seed)
+            donor = None
+            if fill in DONOR_FILLS:  # a second owner network, trained alike, hardened elsewhere
+                donor = fresh_fn(make, args.seed + 55)()
+                fit(donor, owner_train, TrainConfig(epochs=epochs, lr=0.05, seed=args.seed + 55,
+                    device="cpu"), desc="decoy", progress=progress and inline)  # fmt: skip
+                if harden:
+                    donor = harden(
+                        donor, decoy_mask(mask, model.state_dict(), args.seed), owner_train
+                    )
+            base, key = lock(model, mask, fill=fill, seed=args.seed, donor=donor)
             models[f"model:{name}"], models[f"base:{name}"] = model, base
             figures[name] = {
                 "mask": _mask_json(mask),
@@ -306,6 +336,7 @@ def main(args: argparse.Namespace) -> dict:
                 draws[key],
                 fresh_fn(make, 11),
                 harden=hardens[name],
+                make_donor=functools.partial(_attacker_donor, make, draws[key], args.seed),
             )
             return _mask_json(infer_positions(base, specs[name], det)), {}
 
@@ -458,19 +489,28 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _default_lock(make, seed: int):
+def _attacker_donor(make, data, seed: int, k: int):
+    """A decoy donor for the attacker's shadow ``k``: a fresh network trained on its images."""
+    net = fresh_fn(make, seed + 70 + k)()
+    fit(net, data.train, TrainConfig(epochs=40, lr=0.05, seed=seed + 70 + k, device="cpu"),
+        progress=False)  # fmt: skip
+    return net
+
+
+def _default_lock(make, seed: int, extra: tuple = ()):
     """(KeySpec, hardening) of the ``default`` lock: :func:`adaloc.keys.default_spec` and
     :func:`adaloc.harden.default_hardening` for ``make()``'s architecture, as the flows lock it
     (the CNN: saliency rows + norm layers + head + stem, no hardening; a norm-free MLP:
     first-layer rows and the alpha-6 probe training + polish).
-    ``--harden-alpha`` / ``--harden-steps`` do not apply to it."""
+    ``--harden-alpha`` / ``--harden-steps`` do not apply to it. ``extra``: hardening steps
+    run after the default's."""
     model = make()
     hc = default_hardening(model)
-    if hc is None:
+    if hc is None and not extra:
         return default_spec(model), None
-    return default_spec(model), functools.partial(
-        _harden, (hc.objective,), dataclasses.replace(hc, seed=seed), make
-    )
+    steps = ((hc.objective,) if hc else ()) + tuple(extra)
+    cfg = dataclasses.replace(hc or HardenConfig(), seed=seed)
+    return default_spec(model), functools.partial(_harden, steps, cfg, make)
 
 
 def _harden(steps: tuple, cfg: HardenConfig, make, model, mask, train):
@@ -482,6 +522,8 @@ def _harden(steps: tuple, cfg: HardenConfig, make, model, mask, train):
             model = nontransferable(model, mask, train, fresh_fn(make, cfg.seed + 99), c)
         elif step == "balance":
             model = balance_fanout(model, mask)
+        elif step == "hide_fanout":
+            model = hide_fanout(model, mask, seed=cfg.seed)
     return model
 
 

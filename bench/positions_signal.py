@@ -1,16 +1,22 @@
 """Which per-row signal gives the key positions away? Detector feature ablation.
 
     python bench/positions_signal.py --dataset digits --model mlp
+    python bench/positions_signal.py --dataset digits --model mlp --selections default \
+        --match-fanout both
 
 Trains the owner (as bench/attacks.py does) and an attacker's shadow model, locks both with
 each selection rule and fill, and scores the shadow-trained position detector with all
 features, each feature alone, and each feature left out (recall vs the key's share).
+Selection ``default`` is the library's lock for the model (``default_spec`` and its
+hardening, which the attacker applies to its shadows too, as in bench/attacks.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import itertools
 import json
 
 import torch
@@ -19,42 +25,59 @@ from adaloc.attacks import attacker_split, fresh_fn, infer_positions, position_r
 from adaloc.attacks import positions as P
 from adaloc.attacks.weights import refill
 from adaloc.data import load_dataset, make_stages
-from adaloc.keys import KeyMask, KeySpec, _forced_names, rows_view, select_key
-from adaloc.lock import lock
+from adaloc.harden import default_hardening, hide_fanout, nontransferable
+from adaloc.keys import KeyMask, KeySpec, _forced_names, default_spec, rows_view, select_key
+from adaloc.lock import DONOR_FILLS, decoy_mask, lock
 from adaloc.models import build_model
 from adaloc.training import TrainConfig, fit
 
 FEATURES = ("const", "norm", "kurt", "fanout", "smooth", "mean", "cos", "dist")
 
 
-def _pairs(models, spec, fill, data):
-    out = []
-    for k, m in enumerate(models):
-        mask = select_key(m, spec, data=data)
-        out.append((lock(m, mask, fill=fill, seed=1 + k)[0], mask))
-    return out
+def _locked(model, spec, fill, data, seed, harden=None, make_donor=None):
+    """(locked base, true mask) of ``model`` under ``spec``, hardened first if asked; the
+    "decoy" fill's donor is ``make_donor()``, hardened with as many rows keyed elsewhere."""
+    mask = select_key(model, spec, data=data)
+    if harden is not None:
+        model = harden(model, mask, data)
+    donor = None
+    if fill in DONOR_FILLS:
+        donor = make_donor()
+        if harden is not None:  # hardened with rows elsewhere keyed: the decoy rows are
+            donor = harden(
+                donor, decoy_mask(mask, model.state_dict(), seed), data
+            )  # public-like rows
+    return lock(model, mask, fill=fill, seed=seed, donor=donor)[0], mask
 
 
-def _recall(owner, spec, fill, shadows, data, keep):
-    mask = select_key(owner, spec, data=data)
-    base, _ = lock(owner, mask, fill=fill, seed=0)
-    w, b, mean, std = P.fit_detector(_pairs(shadows, spec, fill, data), spec)
-    w = w * keep  # a dropped feature gets weight 0 (refit below when keep is partial)
-    if keep.sum() < len(keep):
-        orig = P.row_features
+def _trained(make, seed, data, epochs):
+    """A fresh network trained as the script trains its owner / shadows (a decoy donor)."""
+    net = fresh_fn(make, seed)()
+    fit(net, data, TrainConfig(epochs=epochs, lr=0.05, device="cpu"), progress=False)
+    return net
 
-        def masked(*a, **kw):
-            return orig(*a, **kw) * keep
 
-        P.row_features = masked
-        try:
-            w, b, mean, std = P.fit_detector(_pairs(shadows, spec, fill, data), spec)
-            rep = position_report(owner, spec, infer_positions(base, spec, (w, b, mean, std)), mask)
-        finally:
-            P.row_features = orig
-    else:
-        rep = position_report(owner, spec, infer_positions(base, spec, (w, b, mean, std)), mask)
+def _recall(owner_lock, spec, pairs, keep):
+    """Recall of the detector fitted on the shadow ``pairs`` with the features in ``keep``."""
+    base, mask = owner_lock
+    orig = P.row_features
+
+    def masked(*a, **kw):  # a dropped feature is constant 0: the detector cannot use it
+        return orig(*a, **kw) * keep
+
+    P.row_features = masked
+    try:
+        det = P.fit_detector(pairs, spec)
+        rep = position_report(base, spec, infer_positions(base, spec, det), mask)
+    finally:
+        P.row_features = orig
     return round(100 * rep.recall, 1), round(100 * rep.share, 1)
+
+
+def _harden(model, mask, train, *, cfg, hide, make):
+    if cfg is not None:
+        model = nontransferable(model, mask, train, fresh_fn(make, 99), cfg)
+    return hide_fanout(model, mask) if hide else model
 
 
 def main() -> None:
@@ -65,10 +88,17 @@ def main() -> None:
     p.add_argument("--n", type=int, default=72)
     p.add_argument("--selections", default="magnitude,random")
     p.add_argument("--fills", default="matched")
+    p.add_argument("--match-fanout", choices=("no", "yes", "both"), default="no",
+                   help="KeySpec.match_fanout of the locks measured")  # fmt: skip
+    p.add_argument("--hide-fanout", choices=("no", "yes", "both"), default="no",
+                   help="adaloc.harden.hide_fanout after the lock's hardening")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="owner, data split and draw seed")
+    p.add_argument("--no-ablation", dest="ablation", action="store_false",
+                   help="only the detector with all features")  # fmt: skip
     a = p.parse_args()
     torch.set_num_threads(1)
     bundle = load_dataset(a.dataset, a.data_root)
-    st = make_stages(bundle, updates=1, seed=0, val_fraction=0.0)
+    st = make_stages(bundle, updates=1, seed=a.seed, val_fraction=0.0)
     make = functools.partial(
         build_model,
         a.model,
@@ -77,36 +107,54 @@ def main() -> None:
         image_size=bundle.image_size,
     )
     epochs = 2 if len(st[0].train) >= 20_000 else 20
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     owner = make()
     fit(owner, st[0].train, TrainConfig(epochs=epochs, lr=0.05, device="cpu"), progress=False)
-    data = attacker_split(st[1].train, a.n, seed=1)
+    data = attacker_split(st[1].train, a.n, seed=a.seed + 1)
     shadow = fresh_fn(make, 7)()
     fit(shadow, data.train, TrainConfig(epochs=40, lr=0.05, device="cpu"), progress=False)
     out = {}
-    for sel in a.selections.split(","):
-        for fill in a.fills.split(","):
-            spec = KeySpec(selection=sel)
-            # the attacker's second shadow: the stolen base, card tensors refilled
-            mask0 = select_key(owner, spec, data=st[0].train)
-            base0, _ = lock(owner, mask0, fill=fill)
-            state = base0.state_dict()
-            forced = KeyMask(
-                {
-                    n: torch.arange(rows_view(state[n], "row").shape[0])
-                    for n in _forced_names(base0, spec)
-                }
-            )
-            shadows = [shadow, refill(base0, forced, fresh_fn(make, 11)())]
-            n_f = P.N_FEATURES
-            res = {"all": _recall(owner, spec, fill, shadows, st[0].train, torch.ones(n_f))}
-            for i, f in enumerate(FEATURES):
-                only = torch.zeros(n_f)
-                only[i] = 1
-                res[f"only_{f}"] = _recall(owner, spec, fill, shadows, st[0].train, only)[0]
-                res[f"drop_{f}"] = _recall(owner, spec, fill, shadows, st[0].train, 1 - only)[0]
-            out[f"{sel}/{fill}"] = res
-            print(sel, fill, json.dumps(res), flush=True)
+    matches = {"no": (False,), "yes": (True,), "both": (False, True)}[a.match_fanout]
+    hides = {"no": (False,), "yes": (True,), "both": (False, True)}[a.hide_fanout]
+    grid = itertools.product(a.selections.split(","), a.fills.split(","), matches, hides)
+    for sel, fill, match, hide in grid:
+        cfg = None
+        if sel == "default":
+            spec = dataclasses.replace(default_spec(make()), match_fanout=match)
+            cfg = default_hardening(make())
+        else:
+            spec = KeySpec(selection=sel, match_fanout=match)
+        harden = None
+        if cfg is not None or hide:
+            harden = functools.partial(_harden, cfg=cfg, hide=hide, make=make)
+        owner_donor = functools.partial(_trained, make, 55, st[0].train, epochs)
+        owner_lock = _locked(owner, spec, fill, st[0].train, 0, harden, owner_donor)
+        # the attacker's second shadow: the stolen base, card tensors refilled
+        state = owner_lock[0].state_dict()
+        forced = KeyMask(
+            {
+                n: torch.arange(rows_view(state[n], "row").shape[0])
+                for n in _forced_names(owner, spec)
+            }
+        )
+        shadows = [shadow, refill(owner_lock[0], forced, fresh_fn(make, 11)())]
+        # the attacker locks its shadows with the public recipe, on its own images
+        # (a decoy fill's donors: networks it trains on its own images, as its first shadow)
+        pairs = [
+            _locked(m, spec, fill, data.train, 1 + k, harden,
+                    functools.partial(_trained, make, 70 + k, data.train, 40))
+            for k, m in enumerate(shadows)
+        ]  # fmt: skip
+        n_f = P.N_FEATURES
+        res = {"all": _recall(owner_lock, spec, pairs, torch.ones(n_f))}
+        for i, f in enumerate(FEATURES if a.ablation else ()):
+            only = torch.zeros(n_f)
+            only[i] = 1
+            res[f"only_{f}"] = _recall(owner_lock, spec, pairs, only)[0]
+            res[f"drop_{f}"] = _recall(owner_lock, spec, pairs, 1 - only)[0]
+        name = f"{sel}/{fill}" + ("/match_fanout" if match else "") + ("/hide" if hide else "")
+        out[name] = res
+        print(name, json.dumps(res), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from adaloc.attacks.tuning import SearchResult, SearchSpace, clone_fn, search
 from adaloc.errors import ConfigError
 from adaloc.keys import KeyMask, KeySpec, rows_view, select_key
 from adaloc.keys import _forced_names as _forced
-from adaloc.lock import lock
+from adaloc.lock import DONOR_FILLS, decoy_mask, lock
 
 WEIGHT_ATTACKS = ("finetune", "refill_all", "refill_positions", "refill_positions_then_all")
 
@@ -97,11 +97,15 @@ def shadow_detector(
     *,
     seed=1,
     harden=None,
+    make_donor=None,
 ):
     """Learn to spot filled rows: lock models the attacker has with the public recipe.
 
     ``harden(model, mask, train) -> model``: the recipe's hardening between key selection
     and locking, which the attacker applies to its shadows too (Kerckhoffs).
+    ``make_donor(k) -> model``: for a donor fill ("decoy"), the second network the attacker
+    trains for shadow ``k``; hardened (if the recipe hardens) with ``decoy_mask``, as the
+    owner's is.
 
     ``shadows``: networks of the same architecture the attacker trained itself (e.g. its
     scratch model). The stolen ``base`` is re-locked too (its card-disclosed tensors
@@ -121,7 +125,14 @@ def shadow_detector(
         mask = select_key(model, spec, data=data.train)
         if harden is not None:
             model = harden(model, mask, data.train)
-        locked, _ = lock(model, mask, fill=fill, seed=seed + k)
+        donor = None
+        if fill in DONOR_FILLS:
+            if make_donor is None:
+                raise ValueError(f"fill {fill!r} needs make_donor=")
+            donor = make_donor(k)
+            if harden is not None:
+                donor = harden(donor, decoy_mask(mask, model.state_dict(), seed + k), data.train)
+        locked, _ = lock(model, mask, fill=fill, seed=seed + k, donor=donor)
         pairs.append((locked, mask))
     return fit_detector(pairs, spec)
 

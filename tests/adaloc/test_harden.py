@@ -3,6 +3,7 @@ stops carrying linear information; the "first" placement and the "profile" fill.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -133,3 +134,47 @@ def test_default_rule_hardens_norm_free_nets_only(tiny_data, trained_tiny):
     base, key = lock(hard, mask)
     assert accuracy(unlock(base, key), tiny_data) >= accuracy(mlp, tiny_data) - 0.03
     assert _public_r2(hard, mask, tiny_data) < _public_r2(mlp, mask, tiny_data) - 0.2
+
+
+def _fanout_of(model: nn.Module, consumer: str, units: int) -> torch.Tensor:
+    w = model.state_dict()[f"{consumer}.weight"]
+    return w.reshape(w.shape[0], units, -1).pow(2).sum((0, 2)).sqrt()
+
+
+@pytest.mark.parametrize("net", ["mlp", "conv_bn"])
+def test_hide_fanout_keeps_the_function_and_gives_keyed_units_public_fanouts(
+    net, tiny_data, trained_tiny
+):
+    from adaloc.harden import hide_fanout
+
+    if net == "mlp":
+        torch.manual_seed(0)
+        model, x = _mlp(), tiny_data.x[:64]
+        spec = KeySpec(budget=0.2, selection="first")
+        producer, consumer, units = "1", "3", 64
+    else:  # conv -> BatchNorm -> ReLU -> pool -> linear: the BatchNorm (keyed) takes the scale
+        model, x = trained_tiny, tiny_data.x[:64]
+        spec = KeySpec(budget=0.05, selection="first", include_stem=False)
+        producer, consumer, units = "0", "5", 8
+    model = model.eval()
+    mask = select_key(model, spec)
+    keyed = mask.indices[f"{producer}.weight"]
+    assert 0 < keyed.numel() < units
+    before = _fanout_of(model, consumer, units)
+    hidden = hide_fanout(model, mask, seed=3).eval()
+    after = _fanout_of(hidden, consumer, units)
+    with torch.no_grad():
+        assert torch.allclose(hidden(x), model(x), atol=1e-4, rtol=1e-4)  # the same function
+    public = torch.ones(units, dtype=torch.bool)
+    public[keyed] = False
+    assert torch.allclose(after[public], before[public])  # public units untouched
+    pool = before[public]
+    # every keyed unit's fan-out is now (up to rounding) one of the public units' fan-outs
+    assert all(bool(torch.isclose(pool, v, rtol=1e-4).any()) for v in after[keyed])
+    assert not torch.allclose(after[keyed], before[keyed])
+    # outside the keyed rows and their outgoing columns, every tensor stays as it was
+    sa, sb = hidden.state_dict(), model.state_dict()
+    for name in sa:
+        if name.startswith((f"{producer}.", f"{consumer}.", "1.")):
+            continue
+        assert torch.equal(sa[name], sb[name]), name

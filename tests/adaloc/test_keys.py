@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -76,3 +78,32 @@ def test_budget_too_small_for_forced_parts(trained_tiny):
 def test_saliency_needs_data(trained_tiny):
     with pytest.raises(ConfigError, match="saliency"):
         select_key(trained_tiny, KeySpec(budget=0.3, selection="saliency"))
+
+
+def test_match_fanout_spreads_keyed_units_over_fanout_ranks():
+    # an MLP whose first-layer units with large outgoing weights are also the large rows: a
+    # magnitude pick takes the units with the largest fan-out, a matched pick one per stratum
+    from adaloc.keys import fanout
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(20, 40), torch.nn.ReLU(), torch.nn.Linear(40, 30), torch.nn.ReLU(),
+        torch.nn.Linear(30, 4),
+    )  # fmt: skip
+    with torch.no_grad():
+        scale = torch.linspace(0.1, 3.0, 40)
+        w0, w2 = net[0].weight, net[2].weight
+        w0.copy_(w0 / w0.abs().sum(1, keepdim=True) * scale[:, None])  # L1 row = scale
+        w2.copy_(w2 / w2.norm(dim=0, keepdim=True) * scale[None, :])  # column norm = scale
+    spec = KeySpec(budget=0.15, selection="first", include_head=False)
+    plain = select_key(net, spec)
+    matched = select_key(net, dataclasses.replace(spec, match_fanout=True))
+    n = plain.indices["0.weight"].numel()
+    assert n >= 4 and matched.indices["0.weight"].numel() == n  # same budget, same rows
+    assert torch.equal(matched.indices["0.bias"], matched.indices["0.weight"])
+    by_fanout = torch.argsort(fanout(dict(net.named_parameters()), "0.weight"))
+    keyed = set(matched.indices["0.weight"].tolist())
+    strata = torch.tensor_split(by_fanout, n)
+    assert [len(keyed & set(s.tolist())) for s in strata] == [1] * n  # one per stratum
+    assert set(plain.indices["0.weight"].tolist()) == set(by_fanout[-n:].tolist())  # the top
+    assert KeySpec.from_json(KeySpec(match_fanout=True).to_json()).match_fanout

@@ -94,3 +94,43 @@ def test_key_versions_share_the_base(trained_tiny, tiny_data):
     key2 = extract_key(model, mask, base_sha256=key1.base_sha256, version=2, parent=1)
     assert state_sha256(unlock(base, key2)) == state_sha256(model)
     assert outside_key_sha256(model, mask) == outside_key_sha256(base, mask)
+
+
+def test_decoy_fill_takes_a_donors_rows_elsewhere_hardened(trained_tiny):
+    from adaloc.errors import ConfigError
+    from adaloc.keys import rows_view
+    from adaloc.lock import decoy_mask
+
+    mask = select_key(trained_tiny, KeySpec(budget=0.3, include_stem=False))
+    partial = [
+        n for n, i in mask.indices.items() if 0 < i.numel() < len(trained_tiny.state_dict()[n])
+    ]
+    assert partial  # the test needs a tensor keyed in part
+    donor = copy.deepcopy(trained_tiny)
+    with torch.no_grad():
+        for p in donor.parameters():
+            p.add_(1.0)
+    base, key = lock(trained_tiny, mask, fill="decoy", donor=donor)
+    state, dstate = base.state_dict(), donor.state_dict()
+    for n, idx in mask.indices.items():
+        rows, drows = rows_view(state[n], "row"), rows_view(dstate[n], "row")
+        if n in partial:
+            assert torch.equal(rows[idx], drows[idx]), n  # the donor's rows, same positions
+        else:
+            assert not rows.any(), n  # keyed whole: zeros
+    assert state_sha256(unlock(base, key)) == state_sha256(trained_tiny)  # exact as any fill
+    assert outside_key_sha256(base, mask) == outside_key_sha256(trained_tiny, mask)
+    with pytest.raises(ConfigError, match="needs donor"):
+        lock(trained_tiny, mask, fill="decoy")
+    with pytest.raises(ConfigError, match="takes no donor"):
+        lock(trained_tiny, mask, fill="matched", donor=donor)
+    # where the donor is keyed while it is hardened: as many rows, none of the owner's
+    other = decoy_mask(mask, trained_tiny.state_dict(), seed=0)
+    for n, idx in mask.indices.items():
+        assert other.indices[n].numel() == idx.numel()
+        if n in partial:
+            assert not set(other.indices[n].tolist()) & set(idx.tolist()), n
+        else:
+            assert torch.equal(other.indices[n], idx)
+        if n.endswith("bias") and n[:-4] + "weight" in partial:
+            assert torch.equal(other.indices[n], other.indices[n[:-4] + "weight"])
