@@ -77,6 +77,7 @@ LOCKS = {
     # the default rule, each keyed row filled with a public-like row of a second network
     # trained (and hardened elsewhere) like the owner: adaloc.lock.decoy_mask
     "default_decoy": ({}, "decoy"),
+    "default_hidefan_decoy": ({}, "decoy", "hide_fanout"),  # both: the two signals are apart
     "zeros": ({}, "zeros"),
     "matched": ({}, "matched"),
     "noise": ({}, "noise"),
@@ -243,6 +244,9 @@ def main(args: argparse.Namespace) -> dict:
         specs["default_hidefan"], hardens["default_hidefan"] = _default_lock(make, args.seed, extra)
     if "default_decoy" in lock_names:
         specs["default_decoy"], hardens["default_decoy"] = _default_lock(make, args.seed)
+    if "default_hidefan_decoy" in lock_names:
+        both = _default_lock(make, args.seed, ("hide_fanout",))
+        specs["default_hidefan_decoy"], hardens["default_hidefan_decoy"] = both
     fills = {name: LOCKS[name][1] for name in lock_names}
     draws = {
         (frac, rep): attacker_split(
