@@ -223,6 +223,17 @@ def decoy_mask(mask: KeyMask, state: dict[str, torch.Tensor], seed: int = 0) -> 
     return KeyMask(out, mask.granularity)
 
 
+def decoy_donor(
+    donor: nn.Module, mask: KeyMask, model: nn.Module, train, harden=None, *, seed: int = 0
+) -> nn.Module:
+    """The decoy fill's donor for ``model``: ``donor`` (trained like it) put through the
+    recipe's ``harden(model, mask, train)`` with :func:`decoy_mask`'s rows keyed, so its rows
+    at ``mask``'s positions are public-like; as it is when the recipe does not harden."""
+    if harden is None:
+        return donor
+    return harden(donor, decoy_mask(mask, model.state_dict(), seed), train)
+
+
 def _fill_decoy(t: torch.Tensor, d: torch.Tensor | None, name: str, mask: KeyMask) -> None:
     if d is None or d.shape != t.shape:
         raise ConfigError(f"decoy donor has no tensor {name!r} of shape {list(t.shape)}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import inspect
 import json
 import sys
 import time
@@ -46,57 +45,18 @@ from adaloc.attacks import (
 )
 from adaloc.data import load_dataset, make_stages
 from adaloc.evaluate import accuracy, chance_level
-from adaloc.harden import (
-    HardenConfig,
-    balance_fanout,
-    default_hardening,
-    hide_fanout,
-    nontransferable,
-)
-from adaloc.keys import KeyMask, KeySpec, default_spec, select_key
-from adaloc.lock import DONOR_FILLS, FILLS, decoy_mask, lock, random_key, unlock
+from adaloc.harden import HardenConfig
+from adaloc.keys import KeyMask, KeySpec, select_key
+from adaloc.lock import DONOR_FILLS, FILLS, decoy_donor, lock, random_key, unlock
 from adaloc.models import build_model
 from adaloc.token import Token
 from adaloc.training import TrainConfig, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attacks_jobs import Job, run_jobs  # noqa: E402
+from attacks_locks import DEFAULT_FILL, LOCKS, attacker_donor, recipe  # noqa: E402
 from attacks_report import assemble, plot, write_markdown  # noqa: E402
 from attacks_token import _token_size, token_lock_model, token_rows  # noqa: E402
-
-DEFAULT_FILL = inspect.signature(lock).parameters["fill"].default
-LOCKS = {
-    # name: (KeySpec overrides, fill[, hardening steps]); "default" follows the library:
-    # lock()'s fill, default_spec() and default_hardening() of the model (_default_lock)
-    "paper": ({"selection": "magnitude", "include_norm": False, "include_head": False}, "zeros"),
-    "default": ({}, DEFAULT_FILL),
-    # the default lock with its rows spread over the fan-out ranks (KeySpec.match_fanout),
-    # or with each keyed unit given a public unit's fan-out after hardening (hide_fanout)
-    "default_fanout": ({"match_fanout": True}, DEFAULT_FILL),
-    "default_hidefan": ({}, DEFAULT_FILL, "hide_fanout"),
-    # the default rule, each keyed row filled with a public-like row of a second network
-    # trained (and hardened elsewhere) like the owner: adaloc.lock.decoy_mask
-    "default_decoy": ({}, "decoy"),
-    "default_hidefan_decoy": ({}, "decoy", "hide_fanout"),  # both: the two signals are apart
-    "zeros": ({}, "zeros"),
-    "matched": ({}, "matched"),
-    "noise": ({}, "noise"),
-    "key20": ({"budget": 0.2}, "matched"),
-    "key50": ({"budget": 0.5}, "matched"),
-    "profile": ({}, "profile"),
-    "first": ({"selection": "first"}, DEFAULT_FILL),
-    "random_profile": ({"selection": "random"}, "profile"),
-    # SOPHON-style non-transferable training of the owner after key selection
-    "sophon": ({}, DEFAULT_FILL, "sophon"),
-    "sophon_profile": ({}, "profile", "sophon"),
-    "probe": ({}, DEFAULT_FILL, "probe"),
-    "probe_first": ({"selection": "first"}, DEFAULT_FILL, "probe"),
-    # function-preserving fan-out balancing (positions), alone and after the probe training
-    "balance": ({}, DEFAULT_FILL, "balance"),
-    "balance_profile": ({}, "profile", "balance"),
-    "probe_first_balance": ({"selection": "first"}, DEFAULT_FILL, "probe", "balance"),
-    "probe_first_balance_profile": ({"selection": "first"}, "profile", "probe", "balance"),
-}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -227,27 +187,10 @@ def main(args: argparse.Namespace) -> dict:
         "default_lock": "default",
     }
     cfg = HardenConfig(steps=args.harden_steps, alpha=args.harden_alpha, seed=args.seed)
-    hardens = {
-        name: functools.partial(_harden, tuple(LOCKS[name][2:]), cfg, make)
-        if LOCKS[name][2:]
-        else None
-        for name in lock_names
-    }
-    specs = {name: KeySpec(**LOCKS[name][0]) for name in lock_names}
-    if "default" in lock_names:  # the library's rule for this architecture, as the flows use
-        specs["default"], hardens["default"] = _default_lock(make, args.seed)
-    if "default_fanout" in lock_names:
-        spec, hardens["default_fanout"] = _default_lock(make, args.seed)
-        specs["default_fanout"] = dataclasses.replace(spec, match_fanout=True)
-    if "default_hidefan" in lock_names:
-        extra = ("hide_fanout",)
-        specs["default_hidefan"], hardens["default_hidefan"] = _default_lock(make, args.seed, extra)
-    if "default_decoy" in lock_names:
-        specs["default_decoy"], hardens["default_decoy"] = _default_lock(make, args.seed)
-    if "default_hidefan_decoy" in lock_names:
-        both = _default_lock(make, args.seed, ("hide_fanout",))
-        specs["default_hidefan_decoy"], hardens["default_hidefan_decoy"] = both
-    fills = {name: LOCKS[name][1] for name in lock_names}
+    recipes = {name: recipe(name, make, cfg) for name in lock_names}
+    specs = {name: r[0] for name, r in recipes.items()}
+    fills = {name: r[1] for name, r in recipes.items()}
+    hardens = {name: r[2] for name, r in recipes.items()}
     draws = {
         (frac, rep): attacker_split(
             pool, max(2, round(frac * n_train)), seed=args.seed + 1000 * rep + 1
@@ -277,10 +220,7 @@ def main(args: argparse.Namespace) -> dict:
                 donor = fresh_fn(make, args.seed + 55)()
                 fit(donor, owner_train, TrainConfig(epochs=epochs, lr=0.05, seed=args.seed + 55,
                     device="cpu"), desc="decoy", progress=progress and inline)  # fmt: skip
-                if harden:
-                    donor = harden(
-                        donor, decoy_mask(mask, model.state_dict(), args.seed), owner_train
-                    )
+                donor = decoy_donor(donor, mask, model, owner_train, harden, seed=args.seed)
             base, key = lock(model, mask, fill=fill, seed=args.seed, donor=donor)
             models[f"model:{name}"], models[f"base:{name}"] = model, base
             figures[name] = {
@@ -340,7 +280,7 @@ def main(args: argparse.Namespace) -> dict:
                 draws[key],
                 fresh_fn(make, 11),
                 harden=hardens[name],
-                make_donor=functools.partial(_attacker_donor, make, draws[key], args.seed),
+                make_donor=functools.partial(attacker_donor, make, draws[key], args.seed),
             )
             return _mask_json(infer_positions(base, specs[name], det)), {}
 
@@ -491,44 +431,6 @@ def _cpu_seconds() -> float:
         resource.getrusage(resource.RUSAGE_CHILDREN),
     )
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def _attacker_donor(make, data, seed: int, k: int):
-    """A decoy donor for the attacker's shadow ``k``: a fresh network trained on its images."""
-    net = fresh_fn(make, seed + 70 + k)()
-    fit(net, data.train, TrainConfig(epochs=40, lr=0.05, seed=seed + 70 + k, device="cpu"),
-        progress=False)  # fmt: skip
-    return net
-
-
-def _default_lock(make, seed: int, extra: tuple = ()):
-    """(KeySpec, hardening) of the ``default`` lock: :func:`adaloc.keys.default_spec` and
-    :func:`adaloc.harden.default_hardening` for ``make()``'s architecture, as the flows lock it
-    (the CNN: saliency rows + norm layers + head + stem, no hardening; a norm-free MLP:
-    first-layer rows and the alpha-6 probe training + polish).
-    ``--harden-alpha`` / ``--harden-steps`` do not apply to it. ``extra``: hardening steps
-    run after the default's."""
-    model = make()
-    hc = default_hardening(model)
-    if hc is None and not extra:
-        return default_spec(model), None
-    steps = ((hc.objective,) if hc else ()) + tuple(extra)
-    cfg = dataclasses.replace(hc or HardenConfig(), seed=seed)
-    return default_spec(model), functools.partial(_harden, steps, cfg, make)
-
-
-def _harden(steps: tuple, cfg: HardenConfig, make, model, mask, train):
-    """The lock's hardening steps in order (also what the attacker applies to shadows)."""
-    for step in steps:
-        if step in ("sophon", "probe"):
-            objective = "probe" if step == "probe" else "finetune"
-            c = dataclasses.replace(cfg, objective=objective)
-            model = nontransferable(model, mask, train, fresh_fn(make, cfg.seed + 99), c)
-        elif step == "balance":
-            model = balance_fanout(model, mask)
-        elif step == "hide_fanout":
-            model = hide_fanout(model, mask, seed=cfg.seed)
-    return model
 
 
 if __name__ == "__main__":

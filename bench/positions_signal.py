@@ -27,7 +27,7 @@ from adaloc.attacks.weights import refill
 from adaloc.data import load_dataset, make_stages
 from adaloc.harden import default_hardening, hide_fanout, nontransferable
 from adaloc.keys import KeyMask, KeySpec, _forced_names, default_spec, rows_view, select_key
-from adaloc.lock import DONOR_FILLS, decoy_mask, lock
+from adaloc.lock import DONOR_FILLS, decoy_donor, lock
 from adaloc.models import build_model
 from adaloc.training import TrainConfig, fit
 
@@ -42,11 +42,7 @@ def _locked(model, spec, fill, data, seed, harden=None, make_donor=None):
         model = harden(model, mask, data)
     donor = None
     if fill in DONOR_FILLS:
-        donor = make_donor()
-        if harden is not None:  # hardened with rows elsewhere keyed: the decoy rows are
-            donor = harden(
-                donor, decoy_mask(mask, model.state_dict(), seed), data
-            )  # public-like rows
+        donor = decoy_donor(make_donor(), mask, model, data, harden, seed=seed)
     return lock(model, mask, fill=fill, seed=seed, donor=donor)[0], mask
 
 

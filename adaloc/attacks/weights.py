@@ -20,7 +20,7 @@ from adaloc.attacks.tuning import SearchResult, SearchSpace, clone_fn, search
 from adaloc.errors import ConfigError
 from adaloc.keys import KeyMask, KeySpec, rows_view, select_key
 from adaloc.keys import _forced_names as _forced
-from adaloc.lock import DONOR_FILLS, decoy_mask, lock
+from adaloc.lock import DONOR_FILLS, decoy_donor, lock
 
 WEIGHT_ATTACKS = ("finetune", "refill_all", "refill_positions", "refill_positions_then_all")
 
@@ -129,9 +129,7 @@ def shadow_detector(
         if fill in DONOR_FILLS:
             if make_donor is None:
                 raise ValueError(f"fill {fill!r} needs make_donor=")
-            donor = make_donor(k)
-            if harden is not None:
-                donor = harden(donor, decoy_mask(mask, model.state_dict(), seed + k), data.train)
+            donor = decoy_donor(make_donor(k), mask, model, data.train, harden, seed=seed + k)
         locked, _ = lock(model, mask, fill=fill, seed=seed + k, donor=donor)
         pairs.append((locked, mask))
     return fit_detector(pairs, spec)

@@ -1,0 +1,99 @@
+"""bench/attacks.py's locks: the name -> (key spec, fill, hardening) table and its recipe.
+
+A ``default*`` lock starts from the library's rule for the architecture (the flows' lock):
+:func:`adaloc.keys.default_spec` and :func:`adaloc.harden.default_hardening`, with its own
+spec overrides and hardening steps on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+
+from adaloc.attacks import fresh_fn
+from adaloc.harden import (
+    HardenConfig,
+    balance_fanout,
+    default_hardening,
+    hide_fanout,
+    nontransferable,
+)
+from adaloc.keys import KeySpec, default_spec
+from adaloc.lock import lock
+from adaloc.training import TrainConfig, fit
+
+DEFAULT_FILL = inspect.signature(lock).parameters["fill"].default
+LOCKS = {
+    # name: (KeySpec overrides, fill[, hardening steps]); "default*" follows the library:
+    # lock()'s fill, default_spec() and default_hardening() of the model (recipe)
+    "paper": ({"selection": "magnitude", "include_norm": False, "include_head": False}, "zeros"),
+    "default": ({}, DEFAULT_FILL),
+    # the default lock with its rows spread over the fan-out ranks (KeySpec.match_fanout),
+    # or with each keyed unit given a public unit's fan-out after hardening (hide_fanout)
+    "default_fanout": ({"match_fanout": True}, DEFAULT_FILL),
+    "default_hidefan": ({}, DEFAULT_FILL, "hide_fanout"),
+    # the default rule, each keyed row filled with a public-like row of a second network
+    # trained (and hardened elsewhere) like the owner: adaloc.lock.decoy_mask
+    "default_decoy": ({}, "decoy"),
+    "default_hidefan_decoy": ({}, "decoy", "hide_fanout"),  # both: the two signals are apart
+    "zeros": ({}, "zeros"),
+    "matched": ({}, "matched"),
+    "noise": ({}, "noise"),
+    "key20": ({"budget": 0.2}, "matched"),
+    "key50": ({"budget": 0.5}, "matched"),
+    "profile": ({}, "profile"),
+    "first": ({"selection": "first"}, DEFAULT_FILL),
+    "random_profile": ({"selection": "random"}, "profile"),
+    # SOPHON-style non-transferable training of the owner after key selection
+    "sophon": ({}, DEFAULT_FILL, "sophon"),
+    "sophon_profile": ({}, "profile", "sophon"),
+    "probe": ({}, DEFAULT_FILL, "probe"),
+    "probe_first": ({"selection": "first"}, DEFAULT_FILL, "probe"),
+    # function-preserving fan-out balancing (positions), alone and after the probe training
+    "balance": ({}, DEFAULT_FILL, "balance"),
+    "balance_profile": ({}, "profile", "balance"),
+    "probe_first_balance": ({"selection": "first"}, DEFAULT_FILL, "probe", "balance"),
+    "probe_first_balance_profile": ({"selection": "first"}, "profile", "probe", "balance"),
+}
+
+
+def recipe(name: str, make, cfg: HardenConfig):
+    """(KeySpec, fill, hardening or None) of lock ``name``. A ``default*`` lock: the library's
+    spec and hardening for ``make()``'s architecture, as the flows lock it (the CNN: saliency
+    rows + norm layers + head + stem, no hardening; a norm-free MLP: first-layer rows and the
+    alpha-6 probe training + polish), its overrides and steps after them; ``cfg``
+    (``--harden-alpha`` / ``--harden-steps``) does not apply to it."""
+    overrides, fill, *steps = LOCKS[name]
+    if name.startswith("default"):
+        model = make()
+        hc = default_hardening(model)
+        spec = dataclasses.replace(default_spec(model), **overrides)
+        steps = ([hc.objective] if hc else []) + steps
+        cfg = dataclasses.replace(hc or HardenConfig(), seed=cfg.seed)
+    else:
+        spec = KeySpec(**overrides)
+    harden = functools.partial(_harden, tuple(steps), cfg, make) if steps else None
+    return spec, fill, harden
+
+
+def attacker_donor(make, data, seed: int, k: int):
+    """A decoy donor for the attacker's shadow ``k``: a fresh network trained on its images."""
+    net = fresh_fn(make, seed + 70 + k)()
+    fit(net, data.train, TrainConfig(epochs=40, lr=0.05, seed=seed + 70 + k, device="cpu"),
+        progress=False)  # fmt: skip
+    return net
+
+
+def _harden(steps: tuple, cfg: HardenConfig, make, model, mask, train):
+    """The lock's hardening steps in order (also what the attacker applies to shadows)."""
+    for step in steps:
+        if step in ("sophon", "probe"):
+            objective = "probe" if step == "probe" else "finetune"
+            c = dataclasses.replace(cfg, objective=objective)
+            model = nontransferable(model, mask, train, fresh_fn(make, cfg.seed + 99), c)
+        elif step == "balance":
+            model = balance_fanout(model, mask)
+        elif step == "hide_fanout":
+            model = hide_fanout(model, mask, seed=cfg.seed)
+    return model
