@@ -6,7 +6,9 @@
 
 Trains the owner (as bench/attacks.py does) and an attacker's shadow model, locks both with
 each selection rule and fill, and scores the shadow-trained position detector with all
-features, each feature alone, and each feature left out (recall vs the key's share).
+features, with the subset the attacker picks on its own shadows (``cv``: leave one shadow
+out, the bench's attacker), each feature alone, and each feature left out (recall vs the
+key's share).
 Selection ``default`` is the library's lock for the model (``default_spec`` and its
 hardening, which the attacker applies to its shadows too, as in bench/attacks.py).
 """
@@ -31,7 +33,7 @@ from adaloc.lock import DONOR_FILLS, decoy_donor, lock
 from adaloc.models import build_model
 from adaloc.training import TrainConfig, fit
 
-FEATURES = ("const", "norm", "kurt", "fanout", "smooth", "mean", "cos", "dist")
+FEATURES = P.FEATURES
 
 
 def _locked(model, spec, fill, data, seed, harden=None, make_donor=None):
@@ -143,6 +145,9 @@ def main() -> None:
         ]  # fmt: skip
         n_f = P.N_FEATURES
         res = {"all": _recall(owner_lock, spec, pairs, torch.ones(n_f))}
+        keep = P.select_features(pairs, spec)
+        res["cv"] = _recall(owner_lock, spec, pairs, keep)[0]
+        res["cv_features"] = [f for f, k in zip(FEATURES, keep.tolist(), strict=True) if k]
         for i, f in enumerate(FEATURES if a.ablation else ()):
             only = torch.zeros(n_f)
             only[i] = 1

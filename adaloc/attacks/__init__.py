@@ -9,10 +9,12 @@ Leak = attacked accuracy - scratch accuracy (same data, same search), in points.
 """
 
 from adaloc.attacks.positions import (
+    FEATURES,
     PositionReport,
     fit_detector,
     infer_positions,
     position_report,
+    select_features,
 )
 from adaloc.attacks.tokens import TokenSearchResult, space_bits, token_search
 from adaloc.attacks.tuning import DEFAULT_GRID, SearchResult, SearchSpace, clone_fn, search
@@ -30,6 +32,7 @@ from adaloc.attacks.weights import (
 
 __all__ = [
     "DEFAULT_GRID",
+    "FEATURES",
     "WEIGHT_ATTACKS",
     "AttackResult",
     "AttackerData",
@@ -46,6 +49,7 @@ __all__ = [
     "refill",
     "scratch",
     "search",
+    "select_features",
     "shadow_detector",
     "space_bits",
     "token_search",

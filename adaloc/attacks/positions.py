@@ -9,6 +9,11 @@ recipe (same spec, same fill: Kerckhoffs), and fits a logistic regression that t
 rows from real ones on per-row statistics (norm, kurtosis, constancy, fan-out into the
 next layer, kernel smoothness, nearest-neighbour similarity). The rows of the base it finds
 most suspicious, up to the card's budget, are the inferred key.
+
+Which statistics the detector uses is the attacker's choice too, made on its own shadows:
+with ``features="cv"`` it keeps the subset (greedy forward selection) whose detector finds
+the most key rows on a shadow lock it was not fitted on (leave one shadow out), since a
+hardened lock can make some statistics misleading (bench/README.md "Attacks").
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from torch import nn
 
 from adaloc.keys import KeyMask, KeySpec, _forced_names, rows_view
 
-N_FEATURES = 8
+FEATURES = ("const", "norm", "kurt", "fanout", "smooth", "mean", "cos", "dist")
+N_FEATURES = len(FEATURES)
 
 
 @dataclass
@@ -114,21 +120,11 @@ def _labels(state: dict, names: list[str], mask: KeyMask) -> torch.Tensor:
     return torch.cat(out)
 
 
-def fit_detector(shadows, spec: KeySpec, steps: int = 200):
-    """Logistic regression that tells filled rows from real ones on shadow locks.
-
-    ``shadows``: ``(locked base, its true mask)`` pairs the attacker made itself.
-    Returns ``(weights, bias, mean, std)`` of the detector over standardized features.
-    """
-    xs_, ys_ = [], []
-    for shadow_base, shadow_mask in shadows:
-        names, _ = _candidates(shadow_base, spec)
-        state = shadow_base.state_dict()
-        xs_.append(row_features(state, names, spec.granularity))
-        ys_.append(_labels(state, names, shadow_mask))
-    x, y = torch.cat(xs_), torch.cat(ys_)
+def _fit(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, steps: int):
+    """Balanced, lightly regularised logistic regression on the standardized features in
+    ``keep`` (a 0/1 vector); dropped features get weight 0."""
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    xs = (x - mean) / std
+    xs = (x - mean) / std * keep
     w = torch.zeros(x.shape[1], requires_grad=True)
     b = torch.zeros(1, requires_grad=True)
     pos = float(y.mean().clamp(1e-3, 1 - 1e-3))
@@ -147,7 +143,89 @@ def fit_detector(shadows, spec: KeySpec, steps: int = 200):
 
     with torch.enable_grad():
         opt.step(closure)
-    return w.detach(), b.detach(), mean, std
+    return (w * keep).detach(), b.detach(), mean, std
+
+
+def _pair_rows(pairs, spec: KeySpec) -> list:
+    out = []
+    for shadow_base, shadow_mask in pairs:
+        names, _ = _candidates(shadow_base, spec)
+        state = shadow_base.state_dict()
+        x = row_features(state, names, spec.granularity)
+        out.append((x, _labels(state, names, shadow_mask), shadow_base, shadow_mask))
+    return out
+
+
+def _auc(score: torch.Tensor, y: torch.Tensor) -> float:
+    pos, neg = score[y > 0], score[y <= 0]
+    if not len(pos) or not len(neg):
+        return 0.5
+    return float((pos[:, None] > neg[None, :]).float().mean())
+
+
+def _cv_score(rows: list, spec: KeySpec, keep: torch.Tensor, steps: int) -> tuple:
+    """(recall at the budget, AUC) on each shadow of a detector fitted on the others."""
+    recall = auc = 0.0
+    for i, (x, y, base, mask) in enumerate(rows):
+        others = [r for j, r in enumerate(rows) if j != i]
+        det = _fit(torch.cat([r[0] for r in others]), torch.cat([r[1] for r in others]),
+                   keep, steps)  # fmt: skip
+        score = _score(x, det)
+        recall += position_report(base, spec, _take(base, spec, score), mask).recall
+        auc += _auc(score, y)
+    return recall / len(rows), auc / len(rows)
+
+
+def select_features(pairs, spec: KeySpec, steps: int = 200) -> torch.Tensor:
+    """The attacker's feature subset (0/1 over :data:`FEATURES`), chosen on its shadows.
+
+    Greedy forward selection, scored by leave-one-shadow-out recall at the card's budget
+    (AUC breaks ties, then the smaller subset); all features kept if that scores higher, or
+    with fewer than two shadows (nothing to validate on).
+    """
+    rows = _pair_rows(pairs, spec)
+    every = torch.ones(N_FEATURES)
+    if len(rows) < 2:
+        return every
+    best, best_score = every, _cv_score(rows, spec, every, steps)
+    keep, keep_score = torch.zeros(N_FEATURES), (-1.0, -1.0)
+    while keep.sum() < N_FEATURES:
+        trials = []
+        for i in (keep == 0).nonzero().view(-1).tolist():
+            k = keep.clone()
+            k[i] = 1
+            trials.append((_cv_score(rows, spec, k, steps), k))
+        score, k = max(trials, key=lambda t: t[0])
+        if score <= keep_score:
+            break
+        keep, keep_score = k, score
+        if score >= best_score:  # a tie goes to the smaller subset
+            best, best_score = k, score
+    return best
+
+
+def fit_detector(pairs, spec: KeySpec, steps: int = 200, features=None):
+    """Logistic regression that tells filled rows from real ones on shadow locks.
+
+    ``pairs``: ``(locked base, its true mask)`` pairs the attacker made itself.
+    ``features``: None (all of :data:`FEATURES`), ``"cv"`` (:func:`select_features`) or a
+    0/1 tensor over them. Returns ``(weights, bias, mean, std)`` of the detector over
+    standardized features; a dropped feature's weight is 0.
+    """
+    if isinstance(features, str):
+        if features != "cv":
+            raise ValueError(f"features must be None, 'cv' or a 0/1 tensor, got {features!r}")
+        features = select_features(pairs, spec, steps)
+    keep = torch.ones(N_FEATURES) if features is None else features.float()
+    rows = _pair_rows(pairs, spec)
+    return _fit(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), keep, steps)
+
+
+def _score(x: torch.Tensor, detector) -> torch.Tensor:
+    if detector is None:
+        return x[:, 0]
+    w, b, mean, std = detector
+    return ((x - mean) / std) @ w + b
 
 
 def infer_positions(base: nn.Module, spec: KeySpec, detector=None) -> KeyMask:
@@ -157,6 +235,14 @@ def infer_positions(base: nn.Module, spec: KeySpec, detector=None) -> KeyMask:
     detector's score (by constancy alone without one: the paper's zero fill), and the
     most suspicious are taken, by score per parameter, up to the card's budget.
     """
+    names, _ = _candidates(base, spec)
+    x = row_features(base.state_dict(), names, spec.granularity)
+    return _take(base, spec, _score(x, detector))
+
+
+def _take(base: nn.Module, spec: KeySpec, score: torch.Tensor) -> KeyMask:
+    """The card-forced tensors, then the rows by ``score`` (per candidate row, in
+    :func:`_candidates` order) up to the card's budget."""
     params = dict(base.named_parameters())
     state = base.state_dict()
     total = sum(p.numel() for p in params.values())
@@ -164,12 +250,6 @@ def infer_positions(base: nn.Module, spec: KeySpec, detector=None) -> KeyMask:
     indices = {n: torch.arange(rows_view(state[n], spec.granularity).shape[0]) for n in forced}
     used = sum(state[n].numel() for n in forced if n in params)
     names, bias = _candidates(base, spec)
-    x = row_features(state, names, spec.granularity)
-    if detector is None:
-        score = x[:, 0]
-    else:
-        w, b, mean, std = detector
-        score = ((x - mean) / std) @ w + b
     costs, owner, row_of = [], [], []
     for k, n in enumerate(names):
         rows = rows_view(state[n], spec.granularity)

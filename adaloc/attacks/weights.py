@@ -98,6 +98,7 @@ def shadow_detector(
     seed=1,
     harden=None,
     make_donor=None,
+    features="cv",
 ):
     """Learn to spot filled rows: lock models the attacker has with the public recipe.
 
@@ -105,7 +106,9 @@ def shadow_detector(
     and locking, which the attacker applies to its shadows too (Kerckhoffs).
     ``make_donor(k) -> model``: for a donor fill ("decoy"), the second network the attacker
     trains for shadow ``k``; hardened (if the recipe hardens) with ``decoy_mask``, as the
-    owner's is.
+    owner's is. ``features``: which row statistics the detector uses
+    (:func:`~adaloc.attacks.positions.fit_detector`; "cv": chosen on the shadows
+    themselves, leave one out).
 
     ``shadows``: networks of the same architecture the attacker trained itself (e.g. its
     scratch model). The stolen ``base`` is re-locked too (its card-disclosed tensors
@@ -132,7 +135,7 @@ def shadow_detector(
             donor = decoy_donor(make_donor(k), mask, model, data.train, harden, seed=seed + k)
         locked, _ = lock(model, mask, fill=fill, seed=seed + k, donor=donor)
         pairs.append((locked, mask))
-    return fit_detector(pairs, spec)
+    return fit_detector(pairs, spec, features=features)
 
 
 def scratch(make_fresh, data: AttackerData, space: SearchSpace, **kw) -> AttackResult:

@@ -9,14 +9,17 @@ import pytest
 import torch
 
 from adaloc.attacks import (
+    FEATURES,
     SearchSpace,
     attacker_split,
+    fit_detector,
     fresh_fn,
     infer_positions,
     position_report,
     refill,
     scratch,
     search,
+    select_features,
     shadow_detector,
     space_bits,
     token_search,
@@ -53,6 +56,28 @@ def test_matched_fill_leaves_no_constant_rows(trained_tiny):
     # constancy alone now finds no more than a blind guess of the same size would
     rep = position_report(trained_tiny, SPEC, infer_positions(base, SPEC), mask)
     assert rep.recall <= max(2 * rep.share, 0.25)
+
+
+def test_the_attacker_picks_its_detector_features_on_its_own_shadows(trained_tiny):
+    # zero fill: constancy (or the vanishing norm) alone finds every filled row; the
+    # leave-one-shadow-out choice keeps a small subset and still finds them all
+    pairs = []
+    for k in range(3):
+        torch.manual_seed(10 + k)
+        shadow = tiny_net()
+        shadow_mask = select_key(shadow, SPEC)
+        pairs.append((lock(shadow, shadow_mask, fill="zeros", seed=k)[0], shadow_mask))
+    keep = select_features(pairs, SPEC)
+    chosen = {f for f, k in zip(FEATURES, keep.tolist(), strict=True) if k}
+    assert chosen & {"const", "norm"} and len(chosen) < len(FEATURES)
+    mask = select_key(trained_tiny, SPEC)
+    base, _ = lock(trained_tiny, mask, fill="zeros")
+    det = fit_detector(pairs, SPEC, features="cv")
+    assert bool((det[0][keep == 0] == 0).all())  # a dropped feature has no weight
+    assert position_report(trained_tiny, SPEC, infer_positions(base, SPEC, det), mask).recall == 1
+    assert bool((select_features(pairs[:1], SPEC) == 1).all())  # nothing to validate on
+    with pytest.raises(ValueError, match="features"):
+        fit_detector(pairs, SPEC, features="best")
 
 
 def test_refill_writes_fresh_values_only_at_the_positions(trained_tiny):
