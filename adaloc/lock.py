@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from adaloc.errors import ConfigError, KeyMismatchError
-from adaloc.keys import KeyMask, rows_view
+from adaloc.keys import KeyMask, has_norm_layers, rows_view
 
 FILLS = ("zeros", "noise", "matched", "profile")
 # fills that take their rows from a second network of the same architecture (lock(donor=))
@@ -197,6 +197,13 @@ def _fill_profile(t: torch.Tensor, idx: torch.Tensor, granularity: str, g: torch
     unit = (_profile(src * (1 + 0.1 * xi)) - _profile(src)).norm(dim=1) / 0.1
     eps = (target / unit.clamp_min(1e-12)).clamp(0, 0.5)
     rows[sel] = (src * (1 + eps[:, None] * xi)).to(t.dtype).to(t.device)
+
+
+def default_fill(model: nn.Module) -> str:
+    """The library's fill for ``model``: "decoy" for a network without norm layers (with
+    :func:`adaloc.harden.default_hardening`'s ``hide_fanout``: its public-like donor rows
+    hide the per-row statistics, the rescale the fan-out), :data:`DEFAULT_FILL` otherwise."""
+    return DEFAULT_FILL if has_norm_layers(model) else "decoy"
 
 
 def decoy_mask(mask: KeyMask, state: dict[str, torch.Tensor], seed: int = 0) -> KeyMask:

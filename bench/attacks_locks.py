@@ -20,23 +20,28 @@ from adaloc.harden import (
     nontransferable,
 )
 from adaloc.keys import KeySpec, default_spec
-from adaloc.lock import lock
+from adaloc.lock import default_fill, lock
 from adaloc.training import TrainConfig, fit
 
 DEFAULT_FILL = inspect.signature(lock).parameters["fill"].default
+LIBRARY = "library"  # the fill adaloc.lock.default_fill gives the model (as the lock flow)
 LOCKS = {
     # name: (KeySpec overrides, fill[, hardening steps]); "default*" follows the library:
-    # lock()'s fill, default_spec() and default_hardening() of the model (recipe)
+    # default_fill(), default_spec() and default_hardening() of the model (recipe); the
+    # step "no_hide" takes default_hardening's hide_fanout out
     "paper": ({"selection": "magnitude", "include_norm": False, "include_head": False}, "zeros"),
-    "default": ({}, DEFAULT_FILL),
-    # the default lock with its rows spread over the fan-out ranks (KeySpec.match_fanout),
-    # or with each keyed unit given a public unit's fan-out after hardening (hide_fanout)
-    "default_fanout": ({"match_fanout": True}, DEFAULT_FILL),
+    "default": ({}, LIBRARY),
+    # the norm-free default up to stop 28 (probe hardening, matched fill); = default (CNN)
+    "default_matched": ({}, DEFAULT_FILL, "no_hide"),
+    # its rows spread over the fan-out ranks (KeySpec.match_fanout), or each keyed unit
+    # given a public unit's fan-out after hardening (hide_fanout)
+    "default_fanout": ({"match_fanout": True}, DEFAULT_FILL, "no_hide"),
     "default_hidefan": ({}, DEFAULT_FILL, "hide_fanout"),
-    # the default rule, each keyed row filled with a public-like row of a second network
-    # trained (and hardened elsewhere) like the owner: adaloc.lock.decoy_mask
-    "default_decoy": ({}, "decoy"),
-    "default_hidefan_decoy": ({}, "decoy", "hide_fanout"),  # both: the two signals are apart
+    # each keyed row filled with a public-like row of a second network trained (and
+    # hardened elsewhere) like the owner: adaloc.lock.decoy_mask
+    "default_decoy": ({}, "decoy", "no_hide"),
+    # both (the two signals are apart): the norm-free default since stop 29
+    "default_hidefan_decoy": ({}, "decoy", "hide_fanout"),
     "zeros": ({}, "zeros"),
     "matched": ({}, "matched"),
     "noise": ({}, "noise"),
@@ -60,16 +65,21 @@ LOCKS = {
 
 def recipe(name: str, make, cfg: HardenConfig):
     """(KeySpec, fill, hardening or None) of lock ``name``. A ``default*`` lock: the library's
-    spec and hardening for ``make()``'s architecture, as the flows lock it (the CNN: saliency
-    rows + norm layers + head + stem, no hardening; a norm-free MLP: first-layer rows and the
-    alpha-6 probe training + polish), its overrides and steps after them; ``cfg``
+    spec, fill and hardening for ``make()``'s architecture, as the flows lock it (the CNN:
+    saliency rows + norm layers + head + stem, matched fill, no hardening; a norm-free MLP:
+    first-layer rows, the alpha-6 probe training + polish, hide_fanout, decoy fill), its
+    overrides and steps after them; ``cfg``
     (``--harden-alpha`` / ``--harden-steps``) does not apply to it."""
     overrides, fill, *steps = LOCKS[name]
     if name.startswith("default"):
         model = make()
         hc = default_hardening(model)
         spec = dataclasses.replace(default_spec(model), **overrides)
-        steps = ([hc.objective] if hc else []) + steps
+        lib = ([hc.objective] if hc else []) + (["hide_fanout"] if hc and hc.hide_fanout else [])
+        steps = list(dict.fromkeys(lib + steps))  # each step once, the library's first
+        if "no_hide" in steps:
+            steps = [s for s in steps if s not in ("hide_fanout", "no_hide")]
+        fill = default_fill(model) if fill == LIBRARY else fill
         cfg = dataclasses.replace(hc or HardenConfig(), seed=cfg.seed)
     else:
         spec = KeySpec(**overrides)

@@ -29,7 +29,7 @@ from adaloc.adapt import UpdateRecipe, adapt
 from adaloc.artifact import encode_base, encode_key
 from adaloc.data import load_dataset, make_stages
 from adaloc.evaluate import accuracy, chance_level
-from adaloc.harden import HardenConfig, nontransferable
+from adaloc.harden import HardenConfig, hide_fanout, nontransferable
 from adaloc.keys import SELECTIONS, KeySpec, select_key
 from adaloc.lock import (
     extract_key,
@@ -132,6 +132,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="adaloc.harden training of the base after key selection (issue 14)",
     )
     p.add_argument("--harden-alpha", type=float, default=HardenConfig.alpha)
+    p.add_argument(
+        "--hide-fanout",
+        action="store_true",
+        help="adaloc.harden.hide_fanout after the hardening (keyed units get public fan-outs)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/lifecycle", help="output folder")
@@ -178,16 +183,20 @@ def run_chain(
     progress=True,
     with_full=True,
     harden=None,
+    hide=False,
 ) -> dict:
     """Lock ``model`` with ``spec`` and run every update stage key-only (and fully, to compare).
 
     ``harden``: a HardenConfig; the model is trained non-transferable after key selection.
+    ``hide``: then :func:`adaloc.harden.hide_fanout` (function kept, the key's rows rescaled).
     """
     mask = select_key(model, spec, data=stages[0].train)
     if harden is not None:
         fresh = copy.deepcopy(model)
         make = lambda: _reinit(fresh)  # noqa: E731
         model = nontransferable(model, mask, stages[0].train, make, harden)
+    if hide:
+        model = hide_fanout(model, mask, seed=seed)
     base, key = lock(model, mask)
     base_bytes = len(encode_base(base))
     outside = outside_key_sha256(base, mask)
@@ -383,7 +392,9 @@ def main(args: argparse.Namespace) -> dict:
     harden = None
     if args.harden != "none":
         harden = HardenConfig(objective=args.harden, alpha=args.harden_alpha, seed=args.seed)
-    chain = run_chain(model, spec, stages, recipe, base_cfg, harden=harden, **chain_kw)
+    chain = run_chain(
+        model, spec, stages, recipe, base_cfg, harden=harden, hide=args.hide_fanout, **chain_kw
+    )
     result = {
         "dataset": args.dataset,
         "model": args.model,
@@ -398,6 +409,7 @@ def main(args: argparse.Namespace) -> dict:
             "bn_stats": spec.bn_stats,
             "include_stem": spec.include_stem,
             "harden": None if harden is None else harden.__dict__,
+            "hide_fanout": args.hide_fanout,
             "params_in_key": chain["params_in_key"],
             "params_total": chain["params_total"],
         },

@@ -9,10 +9,13 @@ model are logged as MLflow metrics on the version's run. Full figures: bench/att
 
 from __future__ import annotations
 
+import functools
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.config import PipelineConfig
+from pipelines.tasks import lock_fill
 
 LOCAL = {"cache_policy": NO_CACHE, "persist_result": False}
 FRACTIONS = {"1pct": 0.01, "5pct": 0.05}
@@ -61,14 +64,24 @@ def attack_metrics(base, key, bundle, cfg: PipelineConfig, version: int, token=N
         )
 
     spec, space, test = cfg.key_spec(), fast_space(cfg.seed + version), bundle.test
+    fill = lock_fill(make(), token)
     out: dict = {}
     data = None
     for label, frac in FRACTIONS.items():
         n = min(len(bundle.train), max(10, round(frac * len(bundle.train))))
         data = attacker_split(bundle.train, n, seed=cfg.seed + version)
         ref = scratch(fresh_fn(make, cfg.seed + 1), data, space)
-        # the lock flow's fill is the library default; the attacker knows the recipe
-        det = shadow_detector([ref.model], base, spec, _fill(), data, fresh_fn(make, 2))
+        # the lock flow's fill for this model (the attacker knows the recipe); a decoy
+        # fill's donor for each shadow: a network it trains on its own images
+        det = shadow_detector(
+            [ref.model],
+            base,
+            spec,
+            fill,
+            data,
+            fresh_fn(make, 2),
+            make_donor=functools.partial(_donor, make, data, cfg.seed),
+        )
         got = weight_attacks(
             base,
             spec,
@@ -91,7 +104,12 @@ def attack_metrics(base, key, bundle, cfg: PipelineConfig, version: int, token=N
     return out
 
 
-def _fill() -> str:
-    from adaloc.lock import DEFAULT_FILL
+def _donor(make, data, seed: int, k: int):
+    """The attacker's decoy donor for shadow ``k``: a fresh network fit on its images."""
+    from adaloc.attacks import fresh_fn
+    from adaloc.training import TrainConfig, fit
 
-    return DEFAULT_FILL
+    net = fresh_fn(make, seed + 70 + k)()
+    fit(net, data.train, TrainConfig(epochs=20, lr=0.05, seed=seed + 70 + k, device="cpu"),
+        progress=False)  # fmt: skip
+    return net

@@ -252,12 +252,46 @@ def harden(model, mask, train, bundle, cfg: PipelineConfig):
     return harden_default(model, mask, train, lambda: _network(bundle, cfg))
 
 
+def lock_fill(model, token=None) -> str:
+    """The fill the lock flow uses for ``model`` (the audit's attacker assumes the same):
+    :func:`adaloc.lock.default_fill`, except with an M-LOCK token, where the norm-free
+    hardening is skipped and the matched fill stays."""
+    from adaloc.lock import DEFAULT_FILL, default_fill
+
+    return DEFAULT_FILL if token is not None else default_fill(model)
+
+
+@task(name="train decoy donor", **LOCAL)
+def train_decoy_donor(model, mask, train, bundle, cfg: PipelineConfig, progress: bool = True):
+    """The "decoy" fill's donor: a second network trained like the owner (its own seed),
+    then hardened by the same rule with rows keyed away from ``mask``
+    (:func:`adaloc.lock.decoy_donor`), so what the base shows at the key positions is a
+    trained network's public-like rows. It never leaves this process."""
+    import torch
+
+    from adaloc.harden import harden_default
+    from adaloc.lock import decoy_donor
+    from adaloc.training import fit
+
+    torch.manual_seed(cfg.seed + 1)
+    donor = _network(bundle, cfg)
+    tc = train_config(cfg, key_only=False, seed_offset=1)
+    fit(donor, train, tc, desc="train decoy donor", progress=progress)
+    donor.to("cpu")
+
+    def harden(net, keyed, data):
+        return harden_default(net, keyed, data, lambda: _network(bundle, cfg))
+
+    return decoy_donor(donor, mask, model, train, harden, seed=cfg.seed)
+
+
 @task(name="lock", **LOCAL)
-def lock_model(model, mask, seed: int):
-    """Split the network into the public base and the secret key v1."""
+def lock_model(model, mask, seed: int, fill: str | None = None, donor=None):
+    """Split the network into the public base and the secret key v1 (``fill``: the
+    library's default for the model, :func:`lock_fill`, unless given)."""
     from adaloc.lock import lock
 
-    return lock(model, mask, seed=seed)
+    return lock(model, mask, seed=seed, fill=fill or lock_fill(model), donor=donor)
 
 
 @task(name="restore model", **LOCAL)

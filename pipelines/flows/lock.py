@@ -61,7 +61,13 @@ def lock_flow(
         model = T.harden(model, mask, stages[0].train, bundle, cfg)
     elif T.hardens(model):  # the probe objective trains on unstamped inputs: not with M-LOCK
         log.warning("%s with a token: the norm-free hardening is skipped", cfg.model)
-    base, key = T.lock_model(model, mask, cfg.seed)
+    from adaloc.lock import DONOR_FILLS
+
+    fill, donor = T.lock_fill(model, token), None
+    if fill in DONOR_FILLS:  # the norm-free default: a second network's public-like rows
+        donor = T.train_decoy_donor(model, mask, stages[0].train, bundle, cfg, progress)
+    base, key = T.lock_model(model, mask, cfg.seed, fill=fill, donor=donor)
+    del donor
     metrics = T.evaluate(base, key, stages[0].test, version=1, seed=cfg.seed)
     if token is not None:
         metrics = TT.with_two_factor(metrics, TT.two_factor(base, key, stages[0].test, token))

@@ -46,7 +46,12 @@ def test_fast_attack_subset_prices_a_locked_base_in_seconds():
         "mlp", in_channels=1, num_classes=bundle.num_classes, image_size=bundle.image_size
     )
     fit(model, bundle.train, TrainConfig(epochs=3, device="cpu"), progress=False)
-    base, key = lock(model, select_key(model, cfg.key_spec()))
+    # the MLP is locked as the lock flow locks it: the decoy fill (donor left unhardened)
+    donor = build_model(
+        "mlp", in_channels=1, num_classes=bundle.num_classes, image_size=bundle.image_size
+    )
+    fit(donor, bundle.train, TrainConfig(epochs=3, seed=1, device="cpu"), progress=False)
+    base, key = lock(model, select_key(model, cfg.key_spec()), fill="decoy", donor=donor)
     t0 = time.perf_counter()
     out = attack_metrics.fn(base, key, bundle, cfg, 1)
     assert time.perf_counter() - t0 < 60
