@@ -10,7 +10,9 @@ features, with the subset the attacker picks on its own shadows (``cv``: leave o
 out, the bench's attacker), each feature alone, and each feature left out (recall vs the
 key's share).
 Selection ``default`` is the library's lock for the model (``default_spec`` and its
-hardening, which the attacker applies to its shadows too, as in bench/attacks.py).
+hardening, which the attacker applies to its shadows too, as in bench/attacks.py), except
+that ``hide_fanout`` is this script's own axis (``--hide-fanout``, off unless asked; the
+library's norm-free default has it on since stop 29) and the fill is ``--fills``.
 """
 
 from __future__ import annotations
