@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from adaloc.attacks import (
     WEIGHT_ATTACKS,
     SearchSpace,
+    attacker_donor,
     attacker_split,
     clone_fn,
     fresh_fn,
@@ -54,7 +55,7 @@ from adaloc.training import TrainConfig, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attacks_jobs import Job, run_jobs  # noqa: E402
-from attacks_locks import DEFAULT_FILL, LOCKS, attacker_donor, recipe  # noqa: E402
+from attacks_locks import DEFAULT_FILL, LOCKS, recipe  # noqa: E402
 from attacks_report import assemble, plot, write_markdown  # noqa: E402
 from attacks_token import _token_size, token_lock_model, token_rows  # noqa: E402
 

@@ -21,7 +21,6 @@ from adaloc.harden import (
 )
 from adaloc.keys import KeySpec, default_spec
 from adaloc.lock import default_fill, lock
-from adaloc.training import TrainConfig, fit
 
 DEFAULT_FILL = inspect.signature(lock).parameters["fill"].default
 LIBRARY = "library"  # the fill adaloc.lock.default_fill gives the model (as the lock flow)
@@ -85,14 +84,6 @@ def recipe(name: str, make, cfg: HardenConfig):
         spec = KeySpec(**overrides)
     harden = functools.partial(_harden, tuple(steps), cfg, make) if steps else None
     return spec, fill, harden
-
-
-def attacker_donor(make, data, seed: int, k: int):
-    """A decoy donor for the attacker's shadow ``k``: a fresh network trained on its images."""
-    net = fresh_fn(make, seed + 70 + k)()
-    fit(net, data.train, TrainConfig(epochs=40, lr=0.05, seed=seed + 70 + k, device="cpu"),
-        progress=False)  # fmt: skip
-    return net
 
 
 def _harden(steps: tuple, cfg: HardenConfig, make, model, mask, train):

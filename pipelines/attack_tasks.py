@@ -15,7 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.config import PipelineConfig
-from pipelines.tasks import lock_fill
+from pipelines.lock_tasks import lock_fill
 
 LOCAL = {"cache_policy": NO_CACHE, "persist_result": False}
 FRACTIONS = {"1pct": 0.01, "5pct": 0.05}
@@ -41,6 +41,7 @@ def attack_metrics(base, key, bundle, cfg: PipelineConfig, version: int, token=N
     import torch
 
     from adaloc.attacks import (
+        attacker_donor,
         attacker_split,
         fresh_fn,
         scratch,
@@ -80,7 +81,7 @@ def attack_metrics(base, key, bundle, cfg: PipelineConfig, version: int, token=N
             fill,
             data,
             fresh_fn(make, 2),
-            make_donor=functools.partial(_donor, make, data, cfg.seed),
+            make_donor=functools.partial(attacker_donor, make, data, cfg.seed, epochs=20),
         )
         got = weight_attacks(
             base,
@@ -102,14 +103,3 @@ def attack_metrics(base, key, bundle, cfg: PipelineConfig, version: int, token=N
         out["token_search_success"] = float(acc > 1.0 / bundle.num_classes + 0.05)
         out["token_search_tries"] = float(found.tries)
     return out
-
-
-def _donor(make, data, seed: int, k: int):
-    """The attacker's decoy donor for shadow ``k``: a fresh network fit on its images."""
-    from adaloc.attacks import fresh_fn
-    from adaloc.training import TrainConfig, fit
-
-    net = fresh_fn(make, seed + 70 + k)()
-    fit(net, data.train, TrainConfig(epochs=20, lr=0.05, seed=seed + 70 + k, device="cpu"),
-        progress=False)  # fmt: skip
-    return net

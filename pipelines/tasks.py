@@ -139,7 +139,7 @@ def update_recipe(cfg: PipelineConfig):
     return dataclasses.replace(rec, lr=cfg.lr) if cfg.lr else rec
 
 
-def _network(bundle, cfg: PipelineConfig):
+def network(bundle, cfg: PipelineConfig):
     """``cfg.model`` for the dataset's channels, size and classes, from the global RNG."""
     from adaloc.models import build_model as _build
 
@@ -157,7 +157,7 @@ def build_model(bundle, cfg: PipelineConfig):
     import torch
 
     torch.manual_seed(cfg.seed)
-    return _network(bundle, cfg)
+    return network(bundle, cfg)
 
 
 @task(name="train base", **LOCAL)
@@ -222,76 +222,6 @@ def train_base_ddp(cfg: PipelineConfig, nproc: int, workdir: str):
         # The fully trained model must not stay in the scratch folder once it is in memory.
         out.unlink(missing_ok=True)
         Path(f"{out}.json").unlink(missing_ok=True)
-
-
-@task(name="select key", **LOCAL)
-def select_key(model, cfg: PipelineConfig, train):
-    """Choose the key positions (budget, rule, granularity from the config's key spec)."""
-    from adaloc.keys import select_key as _select
-
-    return _select(model, cfg.key_spec(), data=train)
-
-
-def hardens(model) -> bool:
-    """True when :func:`harden` changes ``model`` (the library has a hardening for it)."""
-    from adaloc.harden import default_hardening
-
-    return default_hardening(model) is not None
-
-
-@task(name="harden", **LOCAL)
-def harden(model, mask, train, bundle, cfg: PipelineConfig):
-    """The library's hardening for this architecture, between key selection and the lock
-    (:func:`adaloc.harden.harden_default`): a norm-free MLP gets the alpha-6 probe training
-    and the key-only polish (the public layers carry nothing a linear probe can use); a
-    model with norm layers is returned as is."""
-    from adaloc.harden import harden_default
-
-    # the refill attacker's fresh init, simulated during the training (unseeded here: the
-    # training seeds the RNG before each draw)
-    return harden_default(model, mask, train, lambda: _network(bundle, cfg))
-
-
-def lock_fill(model, token=None) -> str:
-    """The fill the lock flow uses for ``model`` (the audit's attacker assumes the same):
-    :func:`adaloc.lock.default_fill`, except with an M-LOCK token, where the norm-free
-    hardening is skipped and the matched fill stays."""
-    from adaloc.lock import DEFAULT_FILL, default_fill
-
-    return DEFAULT_FILL if token is not None else default_fill(model)
-
-
-@task(name="train decoy donor", **LOCAL)
-def train_decoy_donor(model, mask, train, bundle, cfg: PipelineConfig, progress: bool = True):
-    """The "decoy" fill's donor: a second network trained like the owner (its own seed),
-    then hardened by the same rule with rows keyed away from ``mask``
-    (:func:`adaloc.lock.decoy_donor`), so what the base shows at the key positions is a
-    trained network's public-like rows. It never leaves this process."""
-    import torch
-
-    from adaloc.harden import harden_default
-    from adaloc.lock import decoy_donor
-    from adaloc.training import fit
-
-    torch.manual_seed(cfg.seed + 1)
-    donor = _network(bundle, cfg)
-    tc = train_config(cfg, key_only=False, seed_offset=1)
-    fit(donor, train, tc, desc="train decoy donor", progress=progress)
-    donor.to("cpu")
-
-    def harden(net, keyed, data):
-        return harden_default(net, keyed, data, lambda: _network(bundle, cfg))
-
-    return decoy_donor(donor, mask, model, train, harden, seed=cfg.seed)
-
-
-@task(name="lock", **LOCAL)
-def lock_model(model, mask, seed: int, fill: str | None = None, donor=None):
-    """Split the network into the public base and the secret key v1 (``fill``: the
-    library's default for the model, :func:`lock_fill`, unless given)."""
-    from adaloc.lock import lock
-
-    return lock(model, mask, seed=seed, fill=fill or lock_fill(model), donor=donor)
 
 
 @task(name="restore model", **LOCAL)

@@ -183,7 +183,10 @@ def select_features(pairs, spec: KeySpec, steps: int = 200) -> torch.Tensor:
     (AUC breaks ties, then the smaller subset); all features kept if that scores higher, or
     with fewer than two shadows (nothing to validate on).
     """
-    rows = _pair_rows(pairs, spec)
+    return _select(_pair_rows(pairs, spec), spec, steps)
+
+
+def _select(rows: list, spec: KeySpec, steps: int) -> torch.Tensor:
     every = torch.ones(N_FEATURES)
     if len(rows) < 2:
         return every
@@ -212,12 +215,12 @@ def fit_detector(pairs, spec: KeySpec, steps: int = 200, features=None):
     0/1 tensor over them. Returns ``(weights, bias, mean, std)`` of the detector over
     standardized features; a dropped feature's weight is 0.
     """
+    if isinstance(features, str) and features != "cv":
+        raise ValueError(f"features must be None, 'cv' or a 0/1 tensor, got {features!r}")
+    rows = _pair_rows(pairs, spec)  # the row statistics once, for the choice and the fit
     if isinstance(features, str):
-        if features != "cv":
-            raise ValueError(f"features must be None, 'cv' or a 0/1 tensor, got {features!r}")
-        features = select_features(pairs, spec, steps)
+        features = _select(rows, spec, steps)
     keep = torch.ones(N_FEATURES) if features is None else features.float()
-    rows = _pair_rows(pairs, spec)
     return _fit(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), keep, steps)
 
 

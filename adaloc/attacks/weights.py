@@ -21,6 +21,7 @@ from adaloc.errors import ConfigError
 from adaloc.keys import KeyMask, KeySpec, rows_view, select_key
 from adaloc.keys import _forced_names as _forced
 from adaloc.lock import DONOR_FILLS, decoy_donor, lock
+from adaloc.training import TrainConfig, fit
 
 WEIGHT_ATTACKS = ("finetune", "refill_all", "refill_positions", "refill_positions_then_all")
 
@@ -136,6 +137,15 @@ def shadow_detector(
         locked, _ = lock(model, mask, fill=fill, seed=seed + k, donor=donor)
         pairs.append((locked, mask))
     return fit_detector(pairs, spec, features=features)
+
+
+def attacker_donor(make_fresh, data: AttackerData, seed: int, k: int, *, epochs: int = 40):
+    """A decoy donor for the attacker's shadow ``k`` (``shadow_detector(make_donor=)``): a
+    fresh network trained on its own images (SGD lr 0.05, seeded by ``seed + 70 + k``)."""
+    net = fresh_fn(make_fresh, seed + 70 + k)()
+    cfg = TrainConfig(epochs=epochs, lr=0.05, seed=seed + 70 + k, device="cpu")
+    fit(net, data.train, cfg, progress=False)
+    return net
 
 
 def scratch(make_fresh, data: AttackerData, space: SearchSpace, **kw) -> AttackResult:

@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from pipelines import attack_tasks as AT
+from pipelines import lock_tasks as LT
 from pipelines import tasks as T
 from pipelines import token_tasks as TT
 from pipelines.config import PipelineConfig
@@ -56,17 +57,17 @@ def lock_flow(
     token = TT.make_token(cfg) if cfg.token else None
     if token is not None:
         TT.token_lock(model, stages[0], token, cfg, bundle.num_classes, progress)
-    mask = T.select_key(model, cfg, stages[0].train)
+    mask = LT.select_key(model, cfg, stages[0].train)
     if token is None:
-        model = T.harden(model, mask, stages[0].train, bundle, cfg)
-    elif T.hardens(model):  # the probe objective trains on unstamped inputs: not with M-LOCK
+        model = LT.harden(model, mask, stages[0].train, bundle, cfg)
+    elif LT.hardens(model):  # the probe objective trains on unstamped inputs: not with M-LOCK
         log.warning("%s with a token: the norm-free hardening is skipped", cfg.model)
     from adaloc.lock import DONOR_FILLS
 
-    fill, donor = T.lock_fill(model, token), None
+    fill, donor = LT.lock_fill(model, token), None
     if fill in DONOR_FILLS:  # the norm-free default: a second network's public-like rows
-        donor = T.train_decoy_donor(model, mask, stages[0].train, bundle, cfg, progress)
-    base, key = T.lock_model(model, mask, cfg.seed, fill=fill, donor=donor)
+        donor = LT.train_decoy_donor(model, mask, stages[0].train, bundle, cfg, progress)
+    base, key = LT.lock_model(model, mask, cfg.seed, fill=fill, donor=donor)
     del donor
     metrics = T.evaluate(base, key, stages[0].test, version=1, seed=cfg.seed)
     if token is not None:

@@ -12,7 +12,7 @@ from adaloc.keys import fanout, rows_view, select_key
 from adaloc.lock import outside_key_sha256, state_sha256, unlock
 from adaloc.models import build_model
 from adaloc.training import TrainConfig, fit
-from pipelines import tasks as T
+from pipelines import lock_tasks as LT
 from pipelines.config import load_config
 
 
@@ -42,7 +42,7 @@ def test_harden_task_retrains_the_public_layers_of_a_norm_free_model_only(digits
     cfg = load_config(overrides={"dataset": "digits", "model": "mlp", "device": "cpu"})
     mlp = _trained("mlp", digits)
     mask = select_key(mlp, cfg.key_spec(), data=digits.train)
-    hardened = T.harden.fn(mlp, mask, digits.train, digits, cfg)
+    hardened = LT.harden.fn(mlp, mask, digits.train, digits, cfg)
     assert outside_key_sha256(hardened, mask) != outside_key_sha256(mlp, mask)
     assert accuracy(hardened, digits.test) >= accuracy(mlp, digits.test) - 0.03
     # and hide_fanout: each keyed unit's outgoing norm is one a public unit of its layer has
@@ -59,20 +59,20 @@ def test_harden_task_retrains_the_public_layers_of_a_norm_free_model_only(digits
     cnn_cfg = cfg.replace(model="cnn")
     cnn = _trained("cnn", digits)
     cnn_mask = select_key(cnn, cnn_cfg.key_spec(), data=digits.train)
-    assert T.harden.fn(cnn, cnn_mask, digits.train, digits, cnn_cfg) is cnn
+    assert LT.harden.fn(cnn, cnn_mask, digits.train, digits, cnn_cfg) is cnn
 
 
 def test_a_norm_free_model_is_locked_with_a_hardened_decoy_donor(digits):
     cfg = load_config(overrides={"dataset": "digits", "model": "mlp", "device": "cpu"})
     cfg = cfg.replace(epochs=3)
     mlp = _trained("mlp", digits)
-    assert (T.lock_fill(mlp), T.lock_fill(mlp, token=object())) == ("decoy", "matched")
-    assert T.lock_fill(build_model("cnn", in_channels=1, num_classes=10, image_size=8)) == (
+    assert (LT.lock_fill(mlp), LT.lock_fill(mlp, token=object())) == ("decoy", "matched")
+    assert LT.lock_fill(build_model("cnn", in_channels=1, num_classes=10, image_size=8)) == (
         "matched"
     )
     mask = select_key(mlp, cfg.key_spec(), data=digits.train)
-    donor = T.train_decoy_donor.fn(mlp, mask, digits.train, digits, cfg, progress=False)
-    base, key = T.lock_model.fn(mlp, mask, 0, fill="decoy", donor=donor)
+    donor = LT.train_decoy_donor.fn(mlp, mask, digits.train, digits, cfg, progress=False)
+    base, key = LT.lock_model.fn(mlp, mask, 0, fill="decoy", donor=donor)
     partly = [
         n
         for n, idx in mask.indices.items()
